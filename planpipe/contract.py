@@ -10,7 +10,6 @@ original bytes, untouched, to the dead-letter queue.
 import enum
 import math
 import re
-from dataclasses import dataclass
 from typing import Annotated, Final, Literal
 
 import msgspec
@@ -28,7 +27,9 @@ ROUTES: Final[tuple[Route, ...]] = ("critical", "baseline", "ddl")
 _NonEmpty = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 _EpochSeconds = Annotated[float, msgspec.Meta(ge=0, le=1e11)]
 _Millis = Annotated[float, msgspec.Meta(ge=0, le=1e12)]
-_Rows = Annotated[int, msgspec.Meta(ge=0)]
+# int64: what PostgreSQL `bigint` and Parquet can hold; a larger count would be
+# accepted here and then poison the baseline transaction downstream.
+_Rows = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 
 
 class Envelope(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
@@ -75,11 +76,16 @@ class Reason(enum.StrEnum):
     PLAN_UNPARSEABLE = "plan_unparseable"
 
 
-@dataclass(frozen=True, slots=True)
 class ContractViolation(Exception):
-    reason: Reason
-    field: str | None
-    detail: str
+    # A plain exception, not a frozen dataclass: `contextlib.contextmanager`
+    # assigns `__traceback__` on exceptions passing through a `with`, which a
+    # frozen slots dataclass turns into a TypeError. Passing the fields to
+    # `Exception.__init__` also keeps it picklable.
+    def __init__(self, reason: Reason, field: str | None, detail: str) -> None:
+        super().__init__(reason, field, detail)
+        self.reason = reason
+        self.field = field
+        self.detail = detail
 
     def __str__(self) -> str:
         where = f" ({self.field})" if self.field else ""
@@ -123,6 +129,9 @@ class EnvelopeDecoder:
             envelope = self._decoder.decode(raw)
         except msgspec.ValidationError as error:
             raise _violation_from(error) from None
+        except UnicodeDecodeError as error:
+            # msgspec validates UTF-8 lazily, inside strings, and lets this escape.
+            raise ContractViolation(Reason.NOT_UTF8, None, str(error)) from None
         except msgspec.DecodeError as error:
             reason = Reason.NOT_UTF8 if "UTF-8" in str(error) else Reason.MALFORMED_JSON
             raise ContractViolation(reason, None, str(error)) from None

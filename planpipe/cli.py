@@ -1,0 +1,154 @@
+"""`planpipe …`: operate the local stack and run the pipeline stages outside Dagster."""
+
+import argparse
+import importlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+
+from planpipe.settings import REPO_ROOT, Settings, load_settings
+
+Handler = Callable[[argparse.Namespace, Settings], int]
+_COMMANDS: dict[str, Handler] = {}
+
+
+def command(name: str) -> Callable[[Handler], Handler]:
+    def register(handler: Handler) -> Handler:
+        _COMMANDS[name] = handler
+        return handler
+
+    return register
+
+
+# Stage modules add their own sub-commands: add_parsers(sub) registers parsers whose
+# `handler` default is a Handler. Keeping them beside their stage keeps this file small.
+_STAGE_COMMANDS: tuple[str, ...] = ()
+
+
+def _print_json(payload: object) -> None:
+    print(json.dumps(payload, indent=2, sort_keys=True, default=str))
+
+
+@command("up")
+def _up(args: argparse.Namespace, settings: Settings) -> int:
+    from planpipe import stack
+
+    report = stack.up(settings)
+    if args.json:
+        _print_json(report.as_dict())
+        return 0
+    print(f"planpipe stack is up ({report.seconds}s)")
+    print(f"  Kafka bootstrap servers : {report.bootstrap_servers}"
+          f"{' (external)' if settings.kafka_external else ''}")  # fmt: skip
+    print(f"  topics                  : {', '.join(f'{t} ({n} partitions)' for t, n in report.topics.items())}")
+    print(f"  PostgreSQL DSN          : {report.pg_dsn}{' (external)' if settings.pg_external else ''}")
+    print(f"  migrations applied now  : {report.migrations_applied or 'none (schema up to date)'}")
+    print(f"  DAGSTER_HOME            : {report.dagster_home}")
+    print(f"  data directory          : {report.data_dir}")
+    return 0
+
+
+@command("down")
+def _down(args: argparse.Namespace, settings: Settings) -> int:
+    from planpipe import stack
+
+    result = stack.down(settings)
+    if args.purge:
+        shutil.rmtree(settings.home, ignore_errors=True)
+        result["purged"] = True
+    _print_json(result)
+    return 0
+
+
+@command("status")
+def _status(args: argparse.Namespace, settings: Settings) -> int:
+    from planpipe import stack
+
+    report = stack.status(settings)
+    if args.json:
+        _print_json(report)
+    else:
+        kafka_state = report["kafka"]
+        pg_state = report["postgres"]
+        assert isinstance(kafka_state, dict) and isinstance(pg_state, dict)
+        print(f"Kafka      {'up  ' if kafka_state['answering'] else 'down'}  {kafka_state['bootstrap_servers']}")
+        print(f"PostgreSQL {'up  ' if pg_state['answering'] else 'down'}  {pg_state['dsn']}")
+        print(f"Dagster    home  {report['dagster_home']}")
+        print(f"Data       dir   {report['data_dir']}")
+    healthy = report["kafka"]["answering"] and report["postgres"]["answering"]  # type: ignore[index]
+    return 0 if healthy else 1
+
+
+@command("migrate")
+def _migrate(args: argparse.Namespace, settings: Settings) -> int:
+    from planpipe.db.migrate import migrate
+
+    applied = migrate(settings.pg_dsn)
+    print(f"applied migrations: {applied or 'none (up to date)'}")
+    return 0
+
+
+def dagster_environment(settings: Settings) -> dict[str, str]:
+    env = dict(os.environ)
+    env["DAGSTER_HOME"] = str(settings.dagster_home)
+    env["PLANPIPE_DAGSTER_PG_DSN"] = settings.dagster_pg_dsn
+    env.setdefault("PLANPIPE_MAX_INGEST_RUNS", "2")
+    return env
+
+
+@command("dev")
+def _dev(args: argparse.Namespace, settings: Settings) -> int:
+    """Stack up, then the Dagster webserver and daemon on the planpipe code location."""
+    from planpipe import stack
+
+    report = stack.up(settings)
+    print(f"stack up in {report.seconds}s; Dagster UI on http://{args.host}:{args.port}", flush=True)
+    dagster = shutil.which("dagster", path=os.path.dirname(sys.executable)) or "dagster"
+    process = subprocess.run(
+        [dagster, "dev", "-w", str(REPO_ROOT / "workspace.yaml"), "-h", args.host, "-p", str(args.port)],
+        env=dagster_environment(settings),
+        cwd=REPO_ROOT,
+        check=False,
+    )
+    return process.returncode
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="planpipe", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("up", help="start Kafka and PostgreSQL locally (idempotent), apply migrations, create topics")
+    p.add_argument("--json", action="store_true", help="print connection details as JSON")
+    p = sub.add_parser("down", help="stop the local services")
+    p.add_argument("--purge", action="store_true", help="also delete PLANPIPE_HOME (all local data)")
+    p = sub.add_parser("status", help="show whether the services answer; exit 1 if not")
+    p.add_argument("--json", action="store_true")
+    sub.add_parser("migrate", help="apply pending sql/ migrations to PLANPIPE_PG_DSN")
+    p = sub.add_parser("dev", help="stack up + Dagster webserver and daemon (the main job)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=3000)
+    for module_name in _STAGE_COMMANDS:
+        importlib.import_module(module_name).add_parsers(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from planpipe.stack.errors import StackError
+
+    settings = load_settings()
+    try:
+        handler: Handler = getattr(args, "handler", None) or _COMMANDS[args.command]
+        return handler(args, settings)
+    except StackError as error:
+        print(f"planpipe {args.command}: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,309 @@
+"""Routing rules, deterministic sampling, Kafka keys and the bounded event queue.
+
+Pure library code: no Kafka I/O. Every decision is a function of the envelope,
+the `RoutingConfig` and the current regression-candidate set, so replaying the
+same capture gives the same route, priority, key and sampling outcome (the
+routing guide's precondition for incident reconstruction).
+"""
+
+import collections
+import hashlib
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Container, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Final, Generic, Protocol, TypeVar
+
+from planpipe.contract import (
+    PRIORITIES,
+    ROUTES,
+    ContractViolation,
+    Envelope,
+    EnvelopeDecoder,
+    Priority,
+    Reason,
+    Route,
+)
+from planpipe.routing import metrics
+
+logger = logging.getLogger("planpipe.router")
+
+DEFAULT_QUEUE_CAPACITY: Final = 10_000
+
+# The guide names 7 days for critical and 30 for baseline; DDL gets its own
+# index but keeps the baseline retention.
+RETENTION_DAYS: Final[Mapping[Route, int]] = MappingProxyType({"critical": 7, "baseline": 30, "ddl": 30})
+
+_PRIORITY_BY_NAME: Final[Mapping[str, Priority]] = MappingProxyType({p: p for p in PRIORITIES})
+# Resolved once: `Counter.labels()` takes a lock and a dict lookup per call.
+_INGESTED = {(r, p): metrics.INGESTED.labels(route=r, priority=p) for r in ROUTES for p in PRIORITIES}
+_DROPPED_SAMPLED_OUT: Final = metrics.DROPPED.labels(reason="sampled_out")
+_DROPPED_SCHEMA: Final = metrics.DROPPED.labels(reason="schema_violation")
+_DROPPED_OVERFLOW: Final = metrics.DROPPED.labels(reason="queue_overflow")
+
+
+def _check_rate(sample_rate_pct: int) -> None:
+    if isinstance(sample_rate_pct, bool) or not isinstance(sample_rate_pct, int):
+        raise TypeError(f"sample_rate_pct must be an int, got {sample_rate_pct!r}")
+    if not 0 <= sample_rate_pct <= 100:
+        raise ValueError(f"sample_rate_pct must be within 0..100, got {sample_rate_pct}")
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingConfig:
+    critical_time_ms: float = 5000.0
+    critical_rows: int = 1_000_000
+    sample_rate_pct: int = 100
+    queue_capacity: int = DEFAULT_QUEUE_CAPACITY
+
+    def __post_init__(self) -> None:
+        _check_rate(self.sample_rate_pct)
+        if not (math.isfinite(self.critical_time_ms) and self.critical_time_ms >= 0):
+            raise ValueError(f"critical_time_ms must be finite and >= 0, got {self.critical_time_ms}")
+        if self.critical_rows < 0:
+            raise ValueError(f"critical_rows must be >= 0, got {self.critical_rows}")
+        if self.queue_capacity < 1:
+            raise ValueError(f"queue_capacity must be >= 1, got {self.queue_capacity}")
+
+
+DEFAULT_CONFIG: Final = RoutingConfig()
+
+
+def route_for(envelope: Envelope, config: RoutingConfig = DEFAULT_CONFIG) -> Route:
+    """The guide's precedence: explicit tag, then DDL, then critical thresholds, else baseline."""
+    if envelope.route_tag is not None:
+        return envelope.route_tag
+    if envelope.query_type is not None and envelope.query_type.casefold() == "ddl":
+        return "ddl"
+    # Strictly greater: a query at exactly the threshold is still baseline.
+    if envelope.total_time_ms > config.critical_time_ms or envelope.actual_rows > config.critical_rows:
+        return "critical"
+    return "baseline"
+
+
+def is_sampled(query_hash: str, sample_rate_pct: int) -> bool:
+    """`int(sha256(query_hash)) % 100 < rate`: same answer in every process and after restarts.
+
+    sha256 rather than `hash()`, whose str hashing is salted per process
+    (PYTHONHASHSEED), so a restart would resample a different set of queries.
+    """
+    _check_rate(sample_rate_pct)
+    if sample_rate_pct == 100:
+        return True
+    if sample_rate_pct == 0:
+        return False
+    # Same integer as int(hexdigest(), 16), without the hex round trip.
+    digest = hashlib.sha256(query_hash.encode("utf-8")).digest()
+    return int.from_bytes(digest, "big") % 100 < sample_rate_pct
+
+
+def priority_for(envelope: Envelope, route: Route, regression_candidates: Container[str]) -> Priority:
+    """Explicit priority wins; `low` only ever comes from the capture agent."""
+    if envelope.priority is not None:
+        return envelope.priority
+    if envelope.query_hash in regression_candidates:
+        return "regression_candidate"
+    if route == "critical":
+        return "critical"
+    return "standard"
+
+
+def message_key(priority: Priority, query_hash: str) -> bytes:
+    """Kafka key `{priority}:{query_hash}`; one query always lands on one partition per priority."""
+    return f"{priority}:{query_hash}".encode()
+
+
+def parse_message_key(key: bytes) -> tuple[Priority, str]:
+    """Inverse of `message_key`. Raises ValueError for anything it could not have produced."""
+    try:
+        text = bytes(key).decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"message key is not UTF-8: {key!r}") from error
+    # Priority names contain no ':', so the first ':' is the separator even when
+    # the query hash itself contains colons.
+    name, sep, query_hash = text.partition(":")
+    priority = _PRIORITY_BY_NAME.get(name)
+    if not sep or priority is None or not query_hash:
+        raise ValueError(f"not a '{{priority}}:{{query_hash}}' message key: {key!r}")
+    return priority, query_hash
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingDecision:
+    envelope: Envelope
+    route: Route
+    priority: Priority
+    key: bytes
+    # False: the sampler dropped it; the caller must not publish it.
+    sampled: bool
+
+    @property
+    def query_hash(self) -> str:
+        return self.envelope.query_hash
+
+    @property
+    def retention_days(self) -> int:
+        return RETENTION_DAYS[self.route]
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """An input that broke the contract, bound for the DLQ with its original bytes."""
+
+    raw: bytes
+    reason: Reason
+    field: str | None
+    detail: str
+
+    @classmethod
+    def from_violation(cls, raw: bytes, violation: ContractViolation) -> "Rejection":
+        return cls(raw=raw, reason=violation.reason, field=violation.field, detail=violation.detail)
+
+
+def _no_regression_candidates() -> Container[str]:
+    return frozenset()
+
+
+class Router:
+    """Decode, validate, route, prioritise, key and sample one message at a time.
+
+    `regression_candidates` is called once per message, so it must be cheap:
+    return a set that is refreshed elsewhere, not a database query.
+    """
+
+    def __init__(
+        self,
+        config: RoutingConfig | None = None,
+        *,
+        decoder: EnvelopeDecoder | None = None,
+        regression_candidates: Callable[[], Container[str]] = _no_regression_candidates,
+    ) -> None:
+        self.config = config if config is not None else DEFAULT_CONFIG
+        self.decoder = decoder if decoder is not None else EnvelopeDecoder()
+        self._regression_candidates = regression_candidates
+
+    def route_envelope(self, envelope: Envelope) -> RoutingDecision:
+        """Route an already-decoded envelope (e.g. a corrected DLQ entry)."""
+        route = route_for(envelope, self.config)
+        priority = priority_for(envelope, route, self._regression_candidates())
+        sampled = is_sampled(envelope.query_hash, self.config.sample_rate_pct)
+        if sampled:
+            _INGESTED[route, priority].inc()
+        else:
+            _DROPPED_SAMPLED_OUT.inc()
+        return RoutingDecision(
+            envelope=envelope,
+            route=route,
+            priority=priority,
+            key=message_key(priority, envelope.query_hash),
+            sampled=sampled,
+        )
+
+    def route_raw(self, raw: bytes) -> RoutingDecision | Rejection:
+        """Never raises for bad input: a contract violation becomes a `Rejection`."""
+        started = time.perf_counter_ns()
+        try:
+            try:
+                envelope = self.decoder.decode(raw)
+            except ContractViolation as violation:
+                _DROPPED_SCHEMA.inc()
+                return Rejection.from_violation(raw, violation)
+            return self.route_envelope(envelope)
+        finally:
+            metrics.ROUTE_EVALUATION_MS.observe((time.perf_counter_ns() - started) / 1e6)
+
+
+class _HasQueryHash(Protocol):
+    @property
+    def query_hash(self) -> str: ...
+
+
+T = TypeVar("T", bound=_HasQueryHash)
+
+
+class QueueClosed(RuntimeError):
+    """put() on a queue after close()."""
+
+
+class BoundedEventQueue(Generic[T]):
+    """Thread-safe bounded FIFO that drops the oldest event when full.
+
+    Drop-oldest (the runbook's policy) keeps the capture side non-blocking: a
+    slow broker costs old observations, never stalls the database host.
+    After `close()`, `put()` raises `QueueClosed` and `get_batch()` drains what
+    is left, then returns [] at once; `drained` tells a consumer to stop.
+    """
+
+    def __init__(self, capacity: int = DEFAULT_QUEUE_CAPACITY) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        self._capacity = capacity
+        self._items: collections.deque[T] = collections.deque()
+        self._lock = threading.Lock()
+        self._not_empty = threading.Condition(self._lock)
+        self._closed = False
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    @property
+    def closed(self) -> bool:
+        with self._lock:
+            return self._closed
+
+    @property
+    def drained(self) -> bool:
+        """Closed and empty: nothing more will ever come out."""
+        with self._lock:
+            return self._closed and not self._items
+
+    def depth(self) -> int:
+        with self._lock:
+            return len(self._items)
+
+    def put(self, item: T) -> T | None:
+        """Enqueue `item`; returns the evicted oldest item when the queue was full."""
+        evicted: T | None = None
+        with self._lock:
+            if self._closed:
+                raise QueueClosed("put() on a closed queue")
+            if len(self._items) >= self._capacity:
+                evicted = self._items.popleft()
+            self._items.append(item)
+            # Set under the lock so concurrent puts/gets cannot publish a stale depth last.
+            metrics.QUEUE_DEPTH.set(len(self._items))
+            self._not_empty.notify()
+        if evicted is not None:
+            _DROPPED_OVERFLOW.inc()
+            # Logged outside the lock: handlers may do I/O. The hash is the audit trail.
+            logger.warning(
+                "router queue full (capacity %d): dropped oldest event query_hash=%s",
+                self._capacity,
+                evicted.query_hash,
+                extra={"query_hash": evicted.query_hash},
+            )
+        return evicted
+
+    def get_batch(self, max_items: int, timeout: float | None = None) -> list[T]:
+        """Up to `max_items` oldest events; waits up to `timeout` s (None: forever) for the first.
+
+        Returns [] on timeout, or at once when the queue is closed and empty.
+        """
+        if max_items < 1:
+            raise ValueError(f"max_items must be >= 1, got {max_items}")
+        with self._not_empty:
+            if not self._not_empty.wait_for(lambda: bool(self._items) or self._closed, timeout):
+                return []
+            batch = [self._items.popleft() for _ in range(min(max_items, len(self._items)))]
+            metrics.QUEUE_DEPTH.set(len(self._items))
+            return batch
+
+    def close(self) -> None:
+        """Refuse further puts and wake every waiting consumer."""
+        with self._lock:
+            self._closed = True
+            self._not_empty.notify_all()

@@ -1,0 +1,73 @@
+"""Test fixtures. Unit tests need nothing; integration tests get the real local stack.
+
+The stack for tests lives in its own PLANPIPE_HOME and ports, so it never touches
+the development stack. It is started once per session (a few seconds) and
+stopped at the end unless it was already running (PLANPIPE_TEST_KEEP_STACK=1
+keeps it for faster reruns).
+"""
+
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from planpipe.settings import REPO_ROOT, Settings, load_settings
+
+TEST_ENV = {
+    "PLANPIPE_HOME": str(REPO_ROOT / ".planpipe" / "test"),
+    "PLANPIPE_KAFKA_PORT": "39192",
+    "PLANPIPE_PG_PORT": "55532",
+    "PLANPIPE_PARTITIONS": "6",
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if "/integration/" in str(item.path) and "integration" not in item.keywords:
+            item.add_marker(pytest.mark.integration)
+        elif "/unit/" in str(item.path) and "unit" not in item.keywords:
+            item.add_marker(pytest.mark.unit)
+
+
+@pytest.fixture(scope="session")
+def stack_settings() -> Iterator[Settings]:
+    from planpipe import stack
+    from planpipe.stack import kafka, postgres
+
+    for key, value in TEST_ENV.items():
+        os.environ.setdefault(key, value)
+    settings = load_settings()
+    was_running = kafka.is_running(settings) and postgres.is_running(settings)
+    stack.up(settings)
+    yield settings
+    if not was_running and os.environ.get("PLANPIPE_TEST_KEEP_STACK") != "1":
+        stack.down(settings)
+
+
+@pytest.fixture
+def settings(stack_settings: Settings, tmp_path: Path) -> Settings:
+    """Per-test topics, consumer groups and data directory: tests never see each other's messages."""
+    from planpipe.stack import kafka
+
+    suffix = uuid.uuid4().hex[:10]
+    isolated = replace(
+        stack_settings,
+        topic=f"query-plans-{suffix}",
+        dlq_topic=f"query-plans-{suffix}.dlq",
+        consumer_group=f"query-plan-consumers-{suffix}",
+        replay_group=f"query-plan-dlq-replay-{suffix}",
+        data_dir=tmp_path / "data",
+        spool_path=tmp_path / "spool.sqlite3",
+    )
+    kafka.ensure_topics(isolated)
+    return isolated
+
+
+@pytest.fixture
+def pg(stack_settings: Settings) -> Iterator[psycopg.Connection[tuple[object, ...]]]:
+    with psycopg.connect(stack_settings.pg_dsn, autocommit=True) as conn:
+        yield conn

@@ -1,0 +1,50 @@
+import pytest
+
+from planpipe.settings import _with_database, librdkafka_passthrough, load_settings
+
+
+def test_defaults_point_at_the_local_stack() -> None:
+    settings = load_settings({})
+    assert settings.kafka_bootstrap == "127.0.0.1:39092"
+    assert not settings.kafka_external and not settings.pg_external
+    assert settings.pg_dsn.endswith("@127.0.0.1:55432/planpipe")
+    assert settings.dagster_pg_dsn.endswith("@127.0.0.1:55432/dagster")
+    assert (settings.topic, settings.dlq_topic) == ("query-plans", "query-plans.dlq")
+    assert (settings.batch_max_messages, settings.batch_max_wait_s) == (500, 1.0)
+
+
+def test_external_services_are_used_as_given() -> None:
+    settings = load_settings({"PLANPIPE_KAFKA_BOOTSTRAP": "k1:9092,k2:9092", "PLANPIPE_PG_DSN": "postgresql://u:p@db:5432/plans?sslmode=require"})
+    assert settings.kafka_external and settings.kafka_bootstrap == "k1:9092,k2:9092"
+    assert settings.pg_external
+    assert settings.dagster_pg_dsn == "postgresql://u:p@db:5432/dagster?sslmode=require"
+
+
+def test_librdkafka_options_pass_through_with_scope() -> None:
+    env = {
+        "PLANPIPE_KAFKA__SECURITY_PROTOCOL": "SASL_SSL",
+        "PLANPIPE_KAFKA__SASL_MECHANISM": "PLAIN",
+        "PLANPIPE_PRODUCER__LINGER_MS": "5",
+        "PLANPIPE_CONSUMER__FETCH_MAX_BYTES": "1048576",
+        "PLANPIPE_KAFKA__": "ignored",
+        "UNRELATED": "x",
+    }
+    assert librdkafka_passthrough(env, "producer") == {
+        "security.protocol": "SASL_SSL", "sasl.mechanism": "PLAIN", "linger.ms": "5"}  # fmt: skip
+    assert librdkafka_passthrough(env, "consumer") == {
+        "security.protocol": "SASL_SSL", "sasl.mechanism": "PLAIN", "fetch.max.bytes": "1048576"}  # fmt: skip
+
+
+def test_scoped_option_overrides_common_one() -> None:
+    env = {"PLANPIPE_KAFKA__CLIENT_ID": "all", "PLANPIPE_PRODUCER__CLIENT_ID": "producer"}
+    assert librdkafka_passthrough(env, "producer") == {"client.id": "producer"}
+
+
+def test_bad_numbers_name_the_variable() -> None:
+    with pytest.raises(ValueError, match="PLANPIPE_PARTITIONS"):
+        load_settings({"PLANPIPE_PARTITIONS": "many"})
+
+
+def test_dsn_must_be_a_url() -> None:
+    with pytest.raises(ValueError, match="URL"):
+        _with_database("host=db dbname=x", "dagster")

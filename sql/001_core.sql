@@ -1,17 +1,22 @@
 -- planpipe core schema: catalogs, baselines, rollups, ingestion stats, consumer offsets.
--- Latency distributions are fixed log-scale histograms (see planpipe/plans/latency.py):
--- element-wise addition merges them exactly under concurrent upserts.
+-- Latency distributions are sparse log-scale histograms {bucket: count} (see
+-- planpipe/plans/latency.py): adding counts per bucket merges them exactly under upserts.
 
 CREATE SCHEMA IF NOT EXISTS planpipe;
 SET search_path TO planpipe;
 
-CREATE OR REPLACE FUNCTION planpipe.hist_add(a bigint[], b bigint[]) RETURNS bigint[]
+CREATE OR REPLACE FUNCTION planpipe.hist_add(a jsonb, b jsonb) RETURNS jsonb
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
-    SELECT CASE
-        WHEN a IS NULL THEN b
-        WHEN b IS NULL THEN a
-        ELSE ARRAY(SELECT coalesce(x, 0) + coalesce(y, 0) FROM unnest(a, b) AS t(x, y))
-    END
+    SELECT coalesce(jsonb_object_agg(bucket, total), '{}'::jsonb)
+    FROM (
+        SELECT bucket, sum(count::bigint) AS total
+        FROM (
+            SELECT key AS bucket, value AS count FROM jsonb_each_text(coalesce(a, '{}'::jsonb))
+            UNION ALL
+            SELECT key, value FROM jsonb_each_text(coalesce(b, '{}'::jsonb))
+        ) AS both_sides
+        GROUP BY bucket
+    ) AS merged
 $$;
 
 CREATE TABLE query_catalog (
@@ -50,7 +55,7 @@ CREATE TABLE plan_baselines (
     total_time_min  double precision NOT NULL,
     total_time_max  double precision NOT NULL,
     rows_sum        numeric          NOT NULL,
-    latency_hist    bigint[]         NOT NULL,
+    latency_hist    jsonb            NOT NULL,
     PRIMARY KEY (cluster_id, query_hash, fingerprint)
 );
 -- Runbook: missing composite indexes on (query_hash, plan_version) cause lock contention.
@@ -65,7 +70,7 @@ CREATE TABLE plan_rollups_hourly (
     executions      bigint           NOT NULL,
     total_time_sum  double precision NOT NULL,
     rows_sum        numeric          NOT NULL,
-    latency_hist    bigint[]         NOT NULL,
+    latency_hist    jsonb            NOT NULL,
     PRIMARY KEY (cluster_id, query_hash, fingerprint, hour)
 );
 CREATE INDEX plan_rollups_hourly_hour ON plan_rollups_hourly (hour);

@@ -1,0 +1,324 @@
+"""One PostgreSQL transaction per micro-batch: catalogs, baselines, rollups, stats and offsets.
+
+The transaction is the commit point of the whole pipeline. It first locks the
+offset rows of the batch's partitions and checks that each one still expects
+exactly the batch's first offset (a fence: if another consumer took the
+partition over and committed, this batch is stale and is rolled back). It then
+takes one advisory lock per query in a fixed order, so two consumers never
+deadlock; the time spent acquiring these locks is reported as lock wait.
+"""
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import msgspec
+import psycopg
+
+from planpipe.ingest.batch import OffsetRange, PreparedBatch
+from planpipe.plans import latency
+
+
+class StaleBatchError(RuntimeError):
+    """The partition's stored offset moved on: another consumer committed these records."""
+
+
+@dataclass(frozen=True)
+class CommitResult:
+    batch_id: int
+    lock_wait_ms: float
+    p50_latency_ms: float | None
+    p95_latency_ms: float | None
+    max_latency_ms: float | None
+    committed_at: float
+
+
+@dataclass
+class _Aggregate:
+    first_seen: float
+    last_seen: float
+    executions: int
+    time_sum: float
+    time_min: float
+    time_max: float
+    rows_sum: int
+    hist: dict[int, int]
+    route: str
+
+    def add(self, ts: float, ms: float, rows: int) -> None:
+        self.first_seen = min(self.first_seen, ts)
+        self.last_seen = max(self.last_seen, ts)
+        self.executions += 1
+        self.time_sum += ms
+        self.time_min = min(self.time_min, ms)
+        self.time_max = max(self.time_max, ms)
+        self.rows_sum += rows
+        bucket = latency.bucket_of(ms)
+        self.hist[bucket] = self.hist.get(bucket, 0) + 1
+
+
+def _aggregate(batch: PreparedBatch, hourly: bool) -> dict[tuple[str, ...], _Aggregate]:
+    obs = batch.observations
+    groups: dict[tuple[str, ...], _Aggregate] = {}
+    for i in range(len(obs)):
+        ts, ms, rows = obs.execution_timestamp[i], obs.total_time_ms[i], obs.actual_rows[i]
+        key: tuple[str, ...] = (obs.cluster_id[i], obs.query_hash[i], obs.fingerprint[i])
+        if hourly:
+            key += (datetime.fromtimestamp(ts - ts % 3600, UTC).isoformat(),)
+        agg = groups.get(key)
+        if agg is None:
+            groups[key] = _Aggregate(ts, ts, 1, ms, ms, ms, rows, {latency.bucket_of(ms): 1}, obs.route[i])
+        else:
+            agg.add(ts, ms, rows)
+    return dict(sorted(groups.items()))  # key order = lock order
+
+
+def _ts(epoch: float) -> datetime:
+    return datetime.fromtimestamp(epoch, UTC)
+
+
+_json = msgspec.json.Encoder()
+
+
+def _hist_json(hist: dict[int, int]) -> str:
+    return _json.encode({str(k): v for k, v in hist.items()}).decode()
+
+
+def _fence(cur: psycopg.Cursor[tuple[object, ...]], group: str, ranges: Sequence[OffsetRange]) -> None:
+    for span in sorted(ranges, key=lambda r: (r.topic, r.partition)):
+        cur.execute(
+            """INSERT INTO planpipe.consumer_offsets (consumer_group, topic, partition, next_offset)
+               VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING""",
+            (group, span.topic, span.partition, span.first),
+        )
+        row = cur.execute(
+            """SELECT next_offset FROM planpipe.consumer_offsets
+               WHERE consumer_group = %s AND topic = %s AND partition = %s FOR UPDATE""",
+            (group, span.topic, span.partition),
+        ).fetchone()
+        assert row is not None
+        stored = int(row[0])  # type: ignore[call-overload]
+        # A fresh row may start past `first` only when the log was truncated by retention.
+        if stored != span.first:
+            raise StaleBatchError(
+                f"{span.topic}[{span.partition}]: batch starts at {span.first}, store expects {stored}"
+            )
+
+
+def commit_batch(
+    conn: psycopg.Connection[tuple[object, ...]],
+    consumer_group: str,
+    batch: PreparedBatch,
+    new_plans: dict[str, tuple[str, str]],
+    parquet_files: Sequence[str],
+    started_at: float,
+) -> CommitResult:
+    """Upsert everything for the batch and advance the offsets, atomically.
+
+    `new_plans`: fingerprint → (normalized plan JSON, one-line summary) for
+    fingerprints not yet known to this process.
+    """
+    ranges = list(batch.offset_ranges.values())
+    baselines = _aggregate(batch, hourly=False)
+    rollups = _aggregate(batch, hourly=True)
+    obs = batch.observations
+    with conn.transaction(), conn.cursor() as cur:
+        lock_started = time.perf_counter()
+        _fence(cur, consumer_group, ranges)
+        if baselines:
+            # One transaction-scoped advisory lock per query, taken in hash order: it
+            # serialises plan_version numbering and baseline upserts of a query across
+            # consumers without deadlocks.
+            cur.execute(
+                """SELECT count(pg_advisory_xact_lock(h)) FROM (
+                       SELECT DISTINCT hashtextextended(c || chr(31) || q, 0) AS h
+                       FROM unnest(%s::text[], %s::text[]) AS k(c, q) ORDER BY h) AS ordered""",
+                ([k[0] for k in baselines], [k[1] for k in baselines]),
+            )
+        lock_wait_ms = (time.perf_counter() - lock_started) * 1000
+
+        if new_plans:
+            fps = sorted(new_plans)
+            cur.execute(
+                """INSERT INTO planpipe.plan_catalog (fingerprint, normalized_plan, summary, sample_plan_text)
+                   SELECT * FROM unnest(%s::text[], %s::jsonb[], %s::text[], %s::text[])
+                   ON CONFLICT (fingerprint) DO NOTHING""",
+                (
+                    fps,
+                    [new_plans[f][0] for f in fps],
+                    [new_plans[f][1] for f in fps],
+                    [batch.new_plan_samples[f] for f in fps],
+                ),
+            )
+
+        queries: dict[tuple[str, str], tuple[float, float, str | None, str | None]] = {}
+        for i in range(len(obs)):
+            qkey = (obs.cluster_id[i], obs.query_hash[i])
+            ts = obs.execution_timestamp[i]
+            seen = queries.get(qkey)
+            if seen is None:
+                queries[qkey] = (ts, ts, obs.query_type[i], obs.query_text[i])
+            else:
+                queries[qkey] = (min(seen[0], ts), max(seen[1], ts), seen[2] or obs.query_type[i],
+                                 seen[3] or obs.query_text[i])  # fmt: skip
+        if queries:
+            qkeys = sorted(queries)
+            cur.execute(
+                """INSERT INTO planpipe.query_catalog AS q
+                       (cluster_id, query_hash, first_seen, last_seen, query_type, query_text)
+                   SELECT * FROM unnest(%s::text[], %s::text[], %s::timestamptz[], %s::timestamptz[],
+                                        %s::text[], %s::text[])
+                   ON CONFLICT (cluster_id, query_hash) DO UPDATE SET
+                       first_seen = least(q.first_seen, excluded.first_seen),
+                       last_seen = greatest(q.last_seen, excluded.last_seen),
+                       query_type = coalesce(q.query_type, excluded.query_type),
+                       query_text = coalesce(q.query_text, excluded.query_text)""",
+                (
+                    [k[0] for k in qkeys],
+                    [k[1] for k in qkeys],
+                    [_ts(queries[k][0]) for k in qkeys],
+                    [_ts(queries[k][1]) for k in qkeys],
+                    [queries[k][2] for k in qkeys],
+                    [queries[k][3] for k in qkeys],
+                ),
+            )
+
+        if baselines:
+            keys = list(baselines)
+            aggs = [baselines[k] for k in keys]
+            # New plans get the next plan_version of their query; the first plan of a
+            # query is accepted, later ones start as candidates (SQL Plan Management).
+            cur.execute(
+                """WITH incoming AS (
+                       SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::timestamptz[],
+                                            %s::timestamptz[], %s::bigint[], %s::float8[], %s::float8[],
+                                            %s::float8[], %s::numeric[], %s::jsonb[])
+                           AS t(cluster_id, query_hash, fingerprint, first_seen, last_seen, executions,
+                                time_sum, time_min, time_max, rows_sum, hist)
+                   ), numbered AS (
+                       SELECT i.*,
+                              coalesce((SELECT max(plan_version) FROM planpipe.plan_baselines b
+                                        WHERE b.cluster_id = i.cluster_id AND b.query_hash = i.query_hash), 0)
+                              + row_number() OVER (PARTITION BY i.cluster_id, i.query_hash
+                                                   ORDER BY i.first_seen, i.fingerprint) AS version,
+                              NOT EXISTS (SELECT 1 FROM planpipe.plan_baselines b
+                                          WHERE b.cluster_id = i.cluster_id AND b.query_hash = i.query_hash)
+                              AND row_number() OVER (PARTITION BY i.cluster_id, i.query_hash
+                                                     ORDER BY i.first_seen, i.fingerprint) = 1 AS first_plan
+                       FROM incoming i
+                   )
+                   INSERT INTO planpipe.plan_baselines AS b
+                       (cluster_id, query_hash, fingerprint, plan_version, status, status_by, status_at,
+                        first_seen, last_seen, executions, total_time_sum, total_time_min, total_time_max,
+                        rows_sum, latency_hist)
+                   SELECT cluster_id, query_hash, fingerprint, version,
+                          CASE WHEN first_plan THEN 'accepted' ELSE 'candidate' END,
+                          CASE WHEN first_plan THEN 'planpipe:first-plan' END,
+                          CASE WHEN first_plan THEN now() END,
+                          first_seen, last_seen, executions, time_sum, time_min, time_max, rows_sum, hist
+                   FROM numbered
+                   ORDER BY cluster_id, query_hash, fingerprint
+                   ON CONFLICT (cluster_id, query_hash, fingerprint) DO UPDATE SET
+                       first_seen = least(b.first_seen, excluded.first_seen),
+                       last_seen = greatest(b.last_seen, excluded.last_seen),
+                       executions = b.executions + excluded.executions,
+                       total_time_sum = b.total_time_sum + excluded.total_time_sum,
+                       total_time_min = least(b.total_time_min, excluded.total_time_min),
+                       total_time_max = greatest(b.total_time_max, excluded.total_time_max),
+                       rows_sum = b.rows_sum + excluded.rows_sum,
+                       latency_hist = planpipe.hist_add(b.latency_hist, excluded.latency_hist)""",
+                (
+                    [k[0] for k in keys],
+                    [k[1] for k in keys],
+                    [k[2] for k in keys],
+                    [_ts(a.first_seen) for a in aggs],
+                    [_ts(a.last_seen) for a in aggs],
+                    [a.executions for a in aggs],
+                    [a.time_sum for a in aggs],
+                    [a.time_min for a in aggs],
+                    [a.time_max for a in aggs],
+                    [a.rows_sum for a in aggs],
+                    [_hist_json(a.hist) for a in aggs],
+                ),
+            )
+
+        if rollups:
+            keys = list(rollups)
+            aggs = [rollups[k] for k in keys]
+            cur.execute(
+                """INSERT INTO planpipe.plan_rollups_hourly AS r
+                       (cluster_id, query_hash, fingerprint, hour, route, executions, total_time_sum,
+                        rows_sum, latency_hist)
+                   SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::timestamptz[], %s::text[],
+                                        %s::bigint[], %s::float8[], %s::numeric[], %s::jsonb[])
+                   ON CONFLICT (cluster_id, query_hash, fingerprint, hour) DO UPDATE SET
+                       executions = r.executions + excluded.executions,
+                       total_time_sum = r.total_time_sum + excluded.total_time_sum,
+                       rows_sum = r.rows_sum + excluded.rows_sum,
+                       latency_hist = planpipe.hist_add(r.latency_hist, excluded.latency_hist)""",
+                (
+                    [k[0] for k in keys],
+                    [k[1] for k in keys],
+                    [k[2] for k in keys],
+                    [datetime.fromisoformat(k[3]) for k in keys],
+                    [a.route for a in aggs],
+                    [a.executions for a in aggs],
+                    [a.time_sum for a in aggs],
+                    [a.rows_sum for a in aggs],
+                    [_hist_json(a.hist) for a in aggs],
+                ),
+            )
+
+        cur.execute(
+            """INSERT INTO planpipe.consumer_offsets AS o (consumer_group, topic, partition, next_offset)
+               SELECT %s, * FROM unnest(%s::text[], %s::int[], %s::bigint[])
+               ON CONFLICT (consumer_group, topic, partition) DO UPDATE
+                   SET next_offset = excluded.next_offset, updated_at = now()""",
+            (consumer_group, [r.topic for r in ranges], [r.partition for r in ranges], [r.last + 1 for r in ranges]),
+        )
+
+        # Latency is publish → this commit; measured as late as possible before COMMIT.
+        committed_at = time.time()
+        lat = sorted(max(0.0, (committed_at - p) * 1000) for p in obs.published_at)
+        p50, p95, pmax = _pct(lat, 0.50), _pct(lat, 0.95), (lat[-1] if lat else None)
+        row = cur.execute(
+            """INSERT INTO planpipe.ingest_batches
+                   (consumer_group, offset_ranges, consumed, valid, dlq, dropped_low, p50_latency_ms,
+                    p95_latency_ms, max_latency_ms, lock_wait_ms, duration_ms, parquet_files)
+               VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING batch_id""",
+            (
+                consumer_group,
+                json.dumps([r.as_dict() for r in ranges]),
+                batch.consumed,
+                len(obs),
+                len(batch.dead_letters),
+                batch.dropped_low,
+                p50,
+                p95,
+                pmax,
+                lock_wait_ms,
+                (committed_at - started_at) * 1000,
+                json.dumps(list(parquet_files)),
+            ),
+        ).fetchone()
+        assert row is not None
+    return CommitResult(int(row[0]), lock_wait_ms, p50, p95, pmax, committed_at)  # type: ignore[call-overload]
+
+
+def _pct(sorted_values: Sequence[float], q: float) -> float | None:
+    if not sorted_values:
+        return None
+    return sorted_values[min(len(sorted_values) - 1, max(0, math.ceil(q * len(sorted_values)) - 1))]
+
+
+def stored_offsets(
+    conn: psycopg.Connection[tuple[object, ...]], consumer_group: str, topic: str
+) -> dict[int, int]:
+    rows = conn.execute(
+        "SELECT partition, next_offset FROM planpipe.consumer_offsets WHERE consumer_group = %s AND topic = %s",
+        (consumer_group, topic),
+    ).fetchall()
+    return {int(p): int(o) for p, o in rows}  # type: ignore[call-overload]

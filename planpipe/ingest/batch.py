@@ -1,0 +1,180 @@
+"""Turn one micro-batch of Kafka records into observations and dead letters (pure, no I/O).
+
+Kept apart from the consumer loop so it can be unit-tested and benchmarked alone.
+"""
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from planpipe.contract import ContractViolation, EnvelopeDecoder, Reason
+from planpipe.dlq import H_TRACE_ID, DeadLetter
+from planpipe.plans.fingerprint import PlanParseError, fingerprint
+from planpipe.routing.router import RoutingConfig, parse_message_key, route_for
+
+
+class KafkaRecord(Protocol):
+    """The subset of `confluent_kafka.Message` the engine reads (also easy to build in tests)."""
+
+    def value(self) -> bytes | None: ...
+    def key(self) -> bytes | None: ...
+    def headers(self) -> list[tuple[str, bytes]] | None: ...
+    def topic(self) -> str | None: ...
+    def partition(self) -> int | None: ...
+    def offset(self) -> int | None: ...
+    def timestamp(self) -> tuple[int, int]: ...
+
+
+@dataclass
+class OffsetRange:
+    topic: str
+    partition: int
+    first: int
+    last: int
+
+    def as_dict(self) -> dict[str, object]:
+        return {"topic": self.topic, "partition": self.partition, "first": self.first, "last": self.last}
+
+
+@dataclass
+class Observations:
+    """Column-oriented: cheap to hand to polars and to aggregate for PostgreSQL."""
+
+    query_hash: list[str] = field(default_factory=list)
+    cluster_id: list[str] = field(default_factory=list)
+    execution_timestamp: list[float] = field(default_factory=list)
+    plan_text: list[str] = field(default_factory=list)
+    actual_rows: list[int] = field(default_factory=list)
+    total_time_ms: list[float] = field(default_factory=list)
+    query_type: list[str | None] = field(default_factory=list)
+    query_text: list[str | None] = field(default_factory=list)
+    trace_id: list[str | None] = field(default_factory=list)
+    published_at: list[float] = field(default_factory=list)
+    fingerprint: list[str] = field(default_factory=list)
+    route: list[str] = field(default_factory=list)
+    priority: list[str] = field(default_factory=list)
+    kafka_topic: list[str] = field(default_factory=list)
+    kafka_partition: list[int] = field(default_factory=list)
+    kafka_offset: list[int] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.query_hash)
+
+    def columns(self) -> dict[str, list[object]]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class PreparedBatch:
+    observations: Observations
+    dead_letters: list[DeadLetter]
+    offset_ranges: dict[tuple[str, int], OffsetRange]
+    consumed: int
+    dropped_low: int
+    # fingerprint → plan text of its first observation in this batch (for the plan catalog)
+    new_plan_samples: dict[str, str]
+
+
+def prepare_batch(
+    records: Sequence[KafkaRecord],
+    decoder: EnvelopeDecoder,
+    routing: RoutingConfig,
+    *,
+    drop_low_priority: bool = False,
+    known_fingerprints: set[str] | None = None,
+    fingerprint_of: Callable[[str], str] = fingerprint,
+) -> PreparedBatch:
+    obs = Observations()
+    dead: list[DeadLetter] = []
+    ranges: dict[tuple[str, int], OffsetRange] = {}
+    samples: dict[str, str] = {}
+    dropped_low = 0
+    known = known_fingerprints if known_fingerprints is not None else set()
+    for record in records:
+        topic, partition, offset = record.topic() or "", record.partition() or 0, record.offset() or 0
+        span = ranges.get((topic, partition))
+        if span is None:
+            ranges[(topic, partition)] = OffsetRange(topic, partition, offset, offset)
+        else:
+            span.last = max(span.last, offset)
+            span.first = min(span.first, offset)
+        raw = record.value()
+        key = record.key()
+        priority = "standard"
+        try:
+            if key:
+                priority = parse_message_key(key)[0]
+            envelope = decoder.decode(raw)
+            plan_fingerprint = fingerprint_of(envelope.plan_text)
+        except ContractViolation as violation:
+            dead.append(_dead(record, raw, violation.reason, violation.field, violation.detail))
+            continue
+        except PlanParseError as error:
+            dead.append(_dead(record, raw, Reason.PLAN_UNPARSEABLE, "plan_text", str(error)))
+            continue
+        except ValueError as error:  # a malformed key: the payload may be fine, the key is not
+            dead.append(_dead(record, raw, Reason.WRONG_TYPE, "key", str(error)))
+            continue
+        if envelope.priority is not None:
+            priority = envelope.priority
+        # Runbook circuit breaker: under sustained latency breach shed `low` only.
+        if drop_low_priority and priority == "low":
+            dropped_low += 1
+            continue
+        if plan_fingerprint not in known and plan_fingerprint not in samples:
+            samples[plan_fingerprint] = envelope.plan_text
+        _, create_ms = record.timestamp()
+        obs.query_hash.append(envelope.query_hash)
+        obs.cluster_id.append(envelope.cluster_id)
+        obs.execution_timestamp.append(envelope.execution_timestamp)
+        obs.plan_text.append(envelope.plan_text)
+        obs.actual_rows.append(envelope.actual_rows)
+        obs.total_time_ms.append(envelope.total_time_ms)
+        obs.query_type.append(envelope.query_type)
+        obs.query_text.append(envelope.query_text)
+        obs.trace_id.append(envelope.trace_id or _trace_header(record))
+        # Latency is measured from publication; Kafka's CreateTime when the agent did not stamp it.
+        obs.published_at.append(envelope.published_at if envelope.published_at is not None else create_ms / 1000)
+        obs.fingerprint.append(plan_fingerprint)
+        obs.route.append(route_for(envelope, routing))
+        obs.priority.append(priority)
+        obs.kafka_topic.append(topic)
+        obs.kafka_partition.append(partition)
+        obs.kafka_offset.append(offset)
+    return PreparedBatch(
+        observations=obs,
+        dead_letters=dead,
+        offset_ranges=ranges,
+        consumed=len(records),
+        dropped_low=dropped_low,
+        new_plan_samples=samples,
+    )
+
+
+def _trace_header(record: KafkaRecord) -> str | None:
+    for name, value in record.headers() or ():
+        if name == H_TRACE_ID and value:
+            return value.decode(errors="replace")
+    return None
+
+
+def _dead(record: KafkaRecord, raw: bytes | None, reason: Reason, field: str | None, detail: str) -> DeadLetter:
+    return DeadLetter(
+        value=raw or b"",
+        key=record.key(),
+        reason=reason,
+        field=field,
+        detail=detail,
+        stage="ingest",
+        source_topic=record.topic(),
+        source_partition=record.partition(),
+        source_offset=record.offset(),
+        original_headers=record.headers() or (),
+    )
+
+
+def latencies_ms(published_at: Iterable[float], committed_at: float | None = None) -> list[float]:
+    """publish → baseline-commit latency per observation, never negative (clock skew)."""
+    now = time.time() if committed_at is None else committed_at
+    return [max(0.0, (now - published) * 1000) for published in published_at]

@@ -1,0 +1,136 @@
+"""The observations dataset: Parquet, hive-partitioned by route and date, zstd.
+
+One file per (route, date, topic, partition, offset range). A replayed batch
+covers the same offsets and so rewrites the same file name; files left by a batch
+whose PostgreSQL transaction never committed are removed before the partition is
+consumed again (`discard_uncommitted`), so the dataset never holds an
+observation twice.
+"""
+
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Final
+
+import polars as pl
+
+from planpipe.ingest.batch import Observations
+
+SCHEMA: Final = {
+    "query_hash": pl.String,
+    "cluster_id": pl.String,
+    "execution_timestamp": pl.Float64,
+    "plan_text": pl.String,
+    "actual_rows": pl.Int64,
+    "total_time_ms": pl.Float64,
+    "query_type": pl.String,
+    "query_text": pl.String,
+    "trace_id": pl.String,
+    "published_at": pl.Float64,
+    "fingerprint": pl.String,
+    "route": pl.String,
+    "priority": pl.String,
+    "kafka_topic": pl.String,
+    "kafka_partition": pl.Int32,
+    "kafka_offset": pl.Int64,
+    "ingested_at": pl.Datetime("us", "UTC"),
+}
+# Hive partition columns: encoded in the directory names, not stored in the files.
+PARTITION_COLUMNS: Final = ("route", "date")
+
+_FILE = re.compile(r"^(?P<topic>.+)\+(?P<partition>\d+)\+(?P<first>\d{20})-(?P<last>\d{20})\.parquet$")
+
+
+@dataclass(frozen=True)
+class WrittenFile:
+    path: Path
+    rows: int
+
+
+def file_name(topic: str, partition: int, first: int, last: int) -> str:
+    # '+' never appears in Kafka topic names ([a-zA-Z0-9._-]), so parsing is unambiguous.
+    return f"{topic}+{partition}+{first:020d}-{last:020d}.parquet"
+
+
+def parse_file_name(name: str) -> tuple[str, int, int, int] | None:
+    match = _FILE.match(name)
+    if match is None:
+        return None
+    return match["topic"], int(match["partition"]), int(match["first"]), int(match["last"])
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_batch(
+    root: Path,
+    observations: Observations,
+    offset_ranges: Iterable[tuple[str, int, int, int]],
+    ingested_at: datetime | None = None,
+) -> list[WrittenFile]:
+    """Write the batch durably (fsync file and directory) before PostgreSQL commits it."""
+    if len(observations) == 0:
+        return []
+    stamp = ingested_at or datetime.now(UTC)
+    frame = pl.DataFrame(
+        {**observations.columns(), "ingested_at": [stamp] * len(observations)},
+        schema=SCHEMA,
+    ).with_columns(
+        pl.from_epoch(pl.col("execution_timestamp"), time_unit="s").dt.date().cast(pl.String).alias("date"),
+    )
+    ranges = {(topic, partition): (first, last) for topic, partition, first, last in offset_ranges}
+    written: list[WrittenFile] = []
+    for (route, date, topic, partition), part in frame.group_by(
+        ["route", "date", "kafka_topic", "kafka_partition"], maintain_order=True
+    ):
+        first, last = ranges[(str(topic), int(partition))]  # type: ignore[call-overload]
+        directory = root / f"route={route}" / f"date={date}"
+        directory.mkdir(parents=True, exist_ok=True)
+        target = directory / file_name(str(topic), int(partition), first, last)  # type: ignore[call-overload]
+        staging = target.with_suffix(".parquet.tmp")
+        part.drop(list(PARTITION_COLUMNS)).write_parquet(staging, compression="zstd", statistics=True)
+        with staging.open("rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(staging, target)
+        _fsync_dir(directory)
+        written.append(WrittenFile(target, part.height))
+    return written
+
+
+def discard_uncommitted(root: Path, topic: str, partition: int, next_offset: int) -> list[Path]:
+    """Delete files of `topic`/`partition` covering offsets at or past the committed `next_offset`.
+
+    Those come from a batch that crashed (or was fenced) between the Parquet write
+    and the PostgreSQL commit; its records will be consumed and written again.
+    """
+    removed: list[Path] = []
+    if not root.exists():
+        return removed
+    for path in root.glob("route=*/date=*/*.parquet*"):
+        name = path.name.removesuffix(".tmp")
+        parsed = parse_file_name(name)
+        if parsed is None:
+            continue
+        file_topic, file_partition, first, _last = parsed
+        if file_topic == topic and file_partition == partition and (first >= next_offset or path.suffix == ".tmp"):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def scan(root: Path) -> pl.LazyFrame:
+    """The whole dataset as a lazy frame (route and date come back from the directory names)."""
+    return pl.scan_parquet(
+        str(root / "route=*" / "date=*" / "*.parquet"),
+        hive_partitioning=True,
+        schema={k: v for k, v in SCHEMA.items() if k != "route"},
+        hive_schema={"route": pl.String, "date": pl.String},
+    )

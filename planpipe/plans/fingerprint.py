@@ -1,0 +1,73 @@
+"""Stable plan fingerprints: a digest of the canonical JSON of the normalized tree.
+
+`fingerprint == blake2b(normalized_json, digest_size=16, person=FINGERPRINT_PERSON)`,
+so anyone holding a plan-catalog row can recompute and check its key. Python's
+`hash()` is salted per process and is never used.
+"""
+
+import hashlib
+from typing import Final
+
+import msgspec
+
+from planpipe.plans.normalize import PlanNode, PlanParseError, normalize_plan, summarize
+
+__all__ = [
+    "FINGERPRINT_PERSON",
+    "FINGERPRINT_VERSION",
+    "PlanIdentity",
+    "canonical_json",
+    "fingerprint",
+    "fingerprint_node",
+    "identify_plan",
+    "normalized_json",
+]
+
+# Bump both when PlanNode's fields or the normalization rules change: old and new
+# fingerprints of one plan must never be compared as if they were the same scheme.
+FINGERPRINT_VERSION: Final = 1
+FINGERPRINT_PERSON: Final = b"planpipe-plan-v1"  # blake2b personalization, <= 16 bytes
+
+_ENCODER: Final = msgspec.json.Encoder()
+
+
+class PlanIdentity(msgspec.Struct, frozen=True, kw_only=True):
+    """Everything the plan catalog stores about a plan, from a single decode."""
+
+    fingerprint: str
+    normalized_json: str
+    summary: str
+
+
+def canonical_json(node: PlanNode) -> bytes:
+    """Compact JSON, fields in declaration order, defaults omitted: one encoding per tree."""
+    try:
+        return _ENCODER.encode(node)
+    except RecursionError:
+        raise PlanParseError("plan is nested too deeply to encode") from None
+
+
+def _digest(canonical: bytes) -> str:
+    return hashlib.blake2b(canonical, digest_size=16, person=FINGERPRINT_PERSON).hexdigest()
+
+
+def fingerprint_node(node: PlanNode) -> str:
+    """32 hex digits identifying the normalized tree `node`."""
+    return _digest(canonical_json(node))
+
+
+def fingerprint(plan_text: str | bytes) -> str:
+    """Fingerprint of the plan in EXPLAIN JSON text; raises `PlanParseError`."""
+    return _digest(canonical_json(normalize_plan(plan_text)))
+
+
+def normalized_json(plan_text: str | bytes) -> str:
+    """Canonical JSON of the normalized tree, as stored in `plan_catalog.normalized_plan`."""
+    return canonical_json(normalize_plan(plan_text)).decode()
+
+
+def identify_plan(plan_text: str | bytes) -> PlanIdentity:
+    """Fingerprint, normalized JSON and summary of one plan (the ingest hot path)."""
+    root = normalize_plan(plan_text)
+    canonical = canonical_json(root)
+    return PlanIdentity(fingerprint=_digest(canonical), normalized_json=canonical.decode(), summary=summarize(root))

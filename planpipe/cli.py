@@ -3,6 +3,7 @@
 import argparse
 import importlib
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -137,6 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=os.environ.get("PLANPIPE_LOG_LEVEL", "WARNING").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
     from planpipe.stack.errors import StackError
 
     settings = load_settings()

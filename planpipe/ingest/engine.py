@@ -131,11 +131,14 @@ class IngestEngine:
         self.throttle = LockWaitThrottle()
         self.parquet_root = settings.parquet_dir
         self._known_fingerprints: set[str] = set()
+        self._next_offsets: dict[int, int] = {}
         self._stop = threading.Event()
         self._conn = psycopg.connect(settings.pg_dsn, autocommit=True)
-        self._consumer = Consumer(
-            consumer_config(settings, settings.consumer_group, **{"client.id": client_id})
-        )
+        conf = consumer_config(settings, settings.consumer_group, **{"client.id": client_id})
+        # A member that died keeps its partitions until its session times out; only
+        # after that (plus a rebalance) may "no assignment" mean "nothing for us".
+        self._assignment_grace_s = float(str(conf["session.timeout.ms"])) / 1000 + 15
+        self._consumer = Consumer(conf)
         self._dlq = Producer(producer_config(settings, **{"client.id": f"{client_id}-dlq", "linger.ms": 5}))
 
     # -- partition assignment: PostgreSQL is the source of truth for positions ------------
@@ -148,11 +151,23 @@ class IngestEngine:
             parquet_sink.discard_uncommitted(self.parquet_root, tp.topic, tp.partition, next_offset or 0)
             # Unknown to the store: fall back to Kafka's committed offset / auto.offset.reset.
             tp.offset = OFFSET_INVALID if next_offset is None else next_offset
+            if next_offset is not None:
+                self._next_offsets[tp.partition] = next_offset
         consumer.incremental_assign(partitions)
+        # A crash between the store commit and the Kafka commit leaves Kafka behind;
+        # bring it level so lag computed from Kafka's committed offsets is right.
+        resumed = [TopicPartition(tp.topic, tp.partition, tp.offset) for tp in partitions if tp.offset >= 0]
+        if resumed:
+            try:
+                consumer.commit(offsets=resumed, asynchronous=True)
+            except KafkaException as error:
+                logger.info("could not align Kafka offsets on assignment: %s", error)
         logger.info("assigned %s", sorted(tp.partition for tp in partitions))
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         consumer.incremental_unassign(partitions)
+        for tp in partitions:
+            self._next_offsets.pop(tp.partition, None)
         logger.info("revoked %s", sorted(tp.partition for tp in partitions))
 
     def stop(self) -> None:
@@ -209,19 +224,26 @@ class IngestEngine:
         assignment = self._consumer.assignment()
         if not assignment:
             # In a group with more members than partitions we may never get any.
-            return waited_s > 15 and idle_polls >= 3
+            return waited_s > self._assignment_grace_s and idle_polls >= 3
         return all(lag == 0 for lag in self.lag().values())
 
     def lag(self) -> dict[int, int]:
-        """Per assigned partition: high watermark minus our position."""
-        result: dict[int, int] = {}
+        """Per assigned partition: high watermark minus our next offset."""
         assignment = self._consumer.assignment()
         if not assignment:
-            return result
-        for tp in self._consumer.position(assignment):
-            _low, high = self._consumer.get_watermark_offsets(tp, timeout=5, cached=False)
-            position = tp.offset if tp.offset >= 0 else _low
-            result[tp.partition] = max(0, high - position)
+            return {}
+        # position() is unknown for a partition we seeked to but have not fetched from yet.
+        known = dict(self._next_offsets)
+        known.update({tp.partition: tp.offset for tp in self._consumer.position(assignment) if tp.offset >= 0})
+        unknown = [tp for tp in assignment if tp.partition not in known]
+        if unknown:
+            for tp in self._consumer.committed(unknown, timeout=10):
+                if tp.offset >= 0:
+                    known[tp.partition] = tp.offset
+        result: dict[int, int] = {}
+        for tp in assignment:
+            low, high = self._consumer.get_watermark_offsets(tp, timeout=5, cached=False)
+            result[tp.partition] = max(0, high - known.get(tp.partition, low))
         return result
 
     def _process(self, records: list[Message], summary: RunSummary) -> BatchReport | None:
@@ -245,6 +267,8 @@ class IngestEngine:
             return None
         _fault_point("after_pg_commit")
         self._remember(new_plans)
+        for span in batch.offset_ranges.values():
+            self._next_offsets[span.partition] = span.last + 1
         self._commit_kafka(batch)
         _fault_point("after_kafka_commit")
 

@@ -117,6 +117,8 @@ def test_end_to_end_counts_and_baselines(settings: Settings, real_plans: dict[st
 
 def _run_ingest(settings: Settings, *extra: str, fault: str | None = None, timeout: float = 180) -> "subprocess.CompletedProcess[str]":
     env = settings_env(settings)
+    # A killed member holds its partitions until its session expires: keep that short here.
+    env.update(PLANPIPE_CONSUMER__SESSION_TIMEOUT_MS="8000", PLANPIPE_CONSUMER__HEARTBEAT_INTERVAL_MS="2000")
     if fault:
         env["PLANPIPE_FAULT_KILL_AT"] = fault
     return subprocess.run(

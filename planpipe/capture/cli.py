@@ -1,0 +1,182 @@
+"""`planpipe capture explain|autoexplain`: produce envelopes as JSONL for the publish stage."""
+
+import argparse
+import contextlib
+import os
+import signal
+import sys
+import threading
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+import psycopg
+
+from planpipe.capture.autoexplain import AutoExplainReader, LogFormat, cluster_id_near, print_messages
+from planpipe.capture.explain import (
+    DEFAULT_STATEMENT_TIMEOUT_MS,
+    capture_workload,
+    connect,
+    print_progress,
+    server_cluster_id,
+)
+from planpipe.contract import Envelope, encode_envelope
+from planpipe.settings import Settings
+
+
+class JsonlWriter:
+    """One envelope per line; `flush()` makes a batch durable before the caller records progress."""
+
+    def __init__(self, stream: BinaryIO, *, sync: bool) -> None:
+        self._stream = stream
+        self._sync = sync
+
+    def write(self, envelopes: Iterable[Envelope]) -> None:
+        self._stream.write(b"".join(encode_envelope(e) + b"\n" for e in envelopes))
+
+    def flush(self) -> None:
+        self._stream.flush()
+        if self._sync:
+            os.fsync(self._stream.fileno())
+
+
+@contextlib.contextmanager
+def _open_output(target: str, *, append: bool) -> Iterator[JsonlWriter]:
+    if target == "-":
+        yield JsonlWriter(sys.stdout.buffer, sync=False)
+        sys.stdout.buffer.flush()
+        return
+    with open(target, "ab" if append else "wb") as stream:
+        yield JsonlWriter(stream, sync=True)
+
+
+def _explain(args: argparse.Namespace, settings: Settings) -> int:
+    dsn = args.dsn or settings.pg_dsn
+    workload = sys.stdin.read() if args.workload == "-" else Path(args.workload).read_text(encoding="utf-8")
+    try:
+        with _open_output(args.output, append=False) as out:
+
+            def emit(envelope: Envelope) -> None:
+                out.write([envelope])
+                out.flush()
+
+            report = capture_workload(
+                dsn,
+                workload,
+                repeat=args.repeat,
+                cluster_id=args.cluster_id,
+                statement_timeout_ms=args.statement_timeout,
+                on_envelope=emit,
+                on_progress=None if args.quiet else print_progress,
+            )
+    except psycopg.OperationalError as error:
+        print(f"planpipe capture explain: cannot connect: {error}", file=sys.stderr)
+        return 2
+    print(report.summary(), file=sys.stderr)
+    return 1 if report.failed else 0
+
+
+def _autoexplain_cluster_id(args: argparse.Namespace) -> str | None:
+    if args.cluster_id:
+        return str(args.cluster_id)
+    if args.dsn:
+        with connect(args.dsn) as conn:
+            return server_cluster_id(conn)
+    return cluster_id_near(Path(args.log))
+
+
+def _autoexplain(args: argparse.Namespace, settings: Settings) -> int:
+    cluster_id = _autoexplain_cluster_id(args)
+    if cluster_id is None:
+        print(
+            "planpipe capture autoexplain: cannot tell the cluster: pass --cluster-id, or --dsn to read "
+            "the server's system_identifier",
+            file=sys.stderr,
+        )
+        return 2
+    stop = threading.Event()
+    # SIGINT/SIGTERM end --follow after the current batch is written and committed.
+    signals = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in signals}
+    try:
+        with (
+            AutoExplainReader(
+                args.log,
+                cluster_id=cluster_id,
+                fmt=None if args.format == "auto" else LogFormat(args.format),
+                state_path=args.state,
+                all_files=args.all_files,
+                log_timezone=args.log_timezone,
+            ) as reader,
+            _open_output(args.output, append=True) as out,
+        ):
+
+            def sink(batch: list[Envelope]) -> None:
+                out.write(batch)
+                out.flush()  # durable before the cursor moves past these entries
+                print_messages(reader)
+
+            if args.follow:
+                reader.follow(sink, stop=stop, poll_interval=args.poll_interval)
+            else:
+                while batch := reader.poll(max_envelopes=500):
+                    sink(batch)
+                    reader.commit()
+                reader.commit()
+            print_messages(reader)
+            print(reader.summary(), file=sys.stderr)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0
+
+
+def add_parsers(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    capture = sub.add_parser("capture", help="capture EXPLAIN ANALYZE plans as envelopes (JSONL)")
+    stages = capture.add_subparsers(dest="capture_command", required=True)
+
+    p = stages.add_parser(
+        "explain",
+        help="run a workload under EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON); DML is rolled back, DDL never runs",
+    )
+    p.add_argument("--dsn", help="target PostgreSQL (default: PLANPIPE_PG_DSN / the local stack)")
+    p.add_argument("--workload", required=True, metavar="FILE.sql", help="SQL statements separated by ';' (- = stdin)")
+    p.add_argument("--repeat", type=_positive, default=1, metavar="N", help="run the whole workload N times")
+    p.add_argument("--cluster-id", metavar="ID", help="default: the server's system_identifier")
+    p.add_argument("--statement-timeout", type=_non_negative, default=DEFAULT_STATEMENT_TIMEOUT_MS, metavar="MS",
+                   help=f"per statement, 0 = none (default {DEFAULT_STATEMENT_TIMEOUT_MS})")  # fmt: skip
+    p.add_argument("--output", default="-", metavar="FILE.jsonl|-", help="envelopes, one per line (default stdout)")
+    p.add_argument("--quiet", action="store_true", help="no per-statement progress on stderr")
+    p.set_defaults(handler=_explain)
+
+    p = stages.add_parser("autoexplain", help="read auto_explain JSON plans from server logs (jsonlog, csvlog, stderr)")
+    p.add_argument("--log", required=True, metavar="FILE|DIR",
+                   help="a log file (followed by path across rename/truncate) or the log directory "
+                        "(follows PostgreSQL's own rotation)")  # fmt: skip
+    p.add_argument("--follow", action="store_true", help="keep reading as the log grows and rotates (until SIGTERM)")
+    p.add_argument("--state", metavar="FILE", help="cursor file: resume exactly after the last emitted batch")
+    p.add_argument("--cluster-id", metavar="ID",
+                   help="default: system_identifier via --dsn, or from the data directory around --log")  # fmt: skip
+    p.add_argument("--dsn", help="read the cluster id from this server")
+    p.add_argument("--output", default="-", metavar="FILE.jsonl|-", help="appended to (default stdout)")
+    p.add_argument("--format", choices=["auto", *(f.value for f in LogFormat)], default="auto")
+    p.add_argument("--all-files", action="store_true",
+                   help="directory without saved state: read every log file, not only the newest")  # fmt: skip
+    p.add_argument("--log-timezone", default="UTC",
+                   help="zone for timestamps with an ambiguous zone abbreviation (log_timezone)")  # fmt: skip
+    p.add_argument("--poll-interval", type=float, default=0.5, metavar="S")
+    p.set_defaults(handler=_autoexplain)
+
+
+def _positive(raw: str) -> int:
+    value = int(raw)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be >= 1")
+    return value
+
+
+def _non_negative(raw: str) -> int:
+    value = int(raw)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be >= 0")
+    return value

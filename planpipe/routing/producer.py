@@ -1,0 +1,746 @@
+"""`PlanProducer`: Kafka delivery with a circuit breaker and a durable, ordered spool.
+
+Normal operation sends straight to librdkafka (`acks=all`, idempotence, zstd).
+When the broker is unreachable (3 consecutive failures: failed deliveries,
+transport errors, `BufferError`, metadata probes that time out) the breaker
+opens and records go to the SQLite spool; after the cool-down a half-open drain
+re-sends the spool oldest first, deletes each row only once Kafka acked it, and
+closes the breaker when the spool is empty.
+
+Invariants that keep per-key order and avoid duplicates:
+
+* A record goes direct only when the breaker is closed AND nothing older is
+  waiting outside librdkafka (spool empty, no failed record not yet spooled).
+  Otherwise it is appended to the spool behind everything older.
+* Before anything new is appended, every older record still inside librdkafka
+  gets a spool row too, in produce order ("write-through"). Those stay in
+  librdkafka: if the broker returns within `message.timeout.ms`, librdkafka's
+  idempotent retries deliver them exactly once, in order, and the delivery
+  callback deletes their rows. If the process dies first, the rows are resent.
+* The drain only starts when librdkafka holds none of our records, so a spooled
+  record can never overtake one that librdkafka may still deliver.
+* librdkafka does NOT fail the rest of a partition queue when one message
+  times out (its docs: messages 1..5, 2 and 3 time out, the log gets 1, 4, 5).
+  So the first failed delivery "fences": everything in flight is spooled in
+  order, then the local queues are purged so nothing queued behind the failure
+  is delivered ahead of it. Purged records keep their rows and are resent.
+
+Residual risk (documented, not hidden): a record that times out while its
+request was in flight may already be in the log (librdkafka's
+POSSIBLY_PERSISTED, which the Python client does not expose). Resending it from
+the spool then duplicates it; keep `message.timeout.ms` above expected outages.
+"""
+
+import enum
+import fcntl
+import functools
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Final, Self
+
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
+from prometheus_client import Counter, Gauge
+
+from planpipe.kafka_config import producer_config
+from planpipe.routing import metrics
+from planpipe.routing.spool import OutRecord, Spool
+from planpipe.settings import Settings
+from planpipe.stack.errors import StackError
+
+logger = logging.getLogger("planpipe.producer")
+
+DEFAULT_COOLDOWN_S: Final = 30.0
+DEFAULT_FAILURE_THRESHOLD: Final = 3
+DEFAULT_DRAIN_BATCH: Final = 1000
+
+# librdkafka's default (10 s) can leave a healthy broker unused for 10 s after
+# an outage; 1 s bounds recovery time. Passthrough settings still win.
+_PRODUCER_EXTRA: Final[dict[str, str | int | bool]] = {"reconnect.backoff.max.ms": 1000}
+
+# error_cb codes that mean "cannot reach the cluster"; each counts as a failure.
+_UNREACHABLE: Final = frozenset(
+    {KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN, KafkaError._RESOLVE, KafkaError._TIMED_OUT}
+)
+# Our own purge: the record was not lost and the broker is not to blame.
+_PURGED: Final = frozenset({KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT})
+# Permanent per-record errors: retrying from the spool would block it forever.
+_UNDELIVERABLE: Final = frozenset(
+    {
+        KafkaError.MSG_SIZE_TOO_LARGE,
+        KafkaError.RECORD_LIST_TOO_LARGE,
+        KafkaError.INVALID_RECORD,
+        KafkaError.INVALID_MSG,
+        KafkaError.INVALID_MSG_SIZE,
+    }
+)
+
+SPOOL_DEPTH: Final = Gauge(
+    "explain_router_spool_depth", "Records waiting in the producer's local spool.", registry=metrics.REGISTRY
+)
+BREAKER_STATE: Final = Gauge(
+    "explain_router_breaker_state",
+    "Producer circuit breaker: 0 closed, 1 half-open, 2 open.",
+    registry=metrics.REGISTRY,
+)
+DELIVERY_FAILURES: Final = Counter(
+    "explain_router_delivery_failures_total",
+    "Failures seen by the producer's breaker, by kind.",
+    ["kind"],
+    registry=metrics.REGISTRY,
+)
+for _kind in ("delivery", "unreachable", "buffer_full", "probe", "produce", "fatal"):
+    DELIVERY_FAILURES.labels(kind=_kind)
+
+
+class BreakerState(enum.StrEnum):
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+
+
+_STATE_GAUGE: Final = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
+
+
+class CircuitBreaker:
+    """The router breaker: `threshold` consecutive failures open it; it turns
+    half-open once `cooldown_s` elapsed; a failure while half-open re-opens it
+    (fresh cool-down); only the owner closes it (after a successful drain).
+
+    Not thread-safe: `PlanProducer` calls it under its own lock.
+    """
+
+    def __init__(
+        self,
+        threshold: int = DEFAULT_FAILURE_THRESHOLD,
+        cooldown_s: float = DEFAULT_COOLDOWN_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if threshold < 1:
+            raise ValueError(f"threshold must be >= 1, got {threshold}")
+        if cooldown_s < 0:
+            raise ValueError(f"cooldown_s must be >= 0, got {cooldown_s}")
+        self.threshold = threshold
+        self.cooldown_s = cooldown_s
+        self._clock = clock
+        self._state = BreakerState.CLOSED
+        self._consecutive = 0
+        self._opened_at = 0.0
+        self.times_opened = 0
+        self.last_failure: str | None = None
+
+    @property
+    def state(self) -> BreakerState:
+        # Lazy transition: nobody has to tick a timer for the cool-down to end.
+        if self._state is BreakerState.OPEN and self._clock() - self._opened_at >= self.cooldown_s:
+            self._state = BreakerState.HALF_OPEN
+        return self._state
+
+    @property
+    def consecutive_failures(self) -> int:
+        return self._consecutive
+
+    def cooldown_remaining_s(self) -> float:
+        if self.state is not BreakerState.OPEN:
+            return 0.0
+        return max(0.0, self.cooldown_s - (self._clock() - self._opened_at))
+
+    def record_failure(self, what: str) -> bool:
+        """Count one failure; True when this call opened the breaker."""
+        self.last_failure = what
+        state = self.state
+        if state is BreakerState.OPEN:
+            return False  # the running cool-down is not extended by the failures it expects
+        self._consecutive += 1
+        if state is BreakerState.HALF_OPEN or self._consecutive >= self.threshold:
+            self._open()
+            return True
+        return False
+
+    def record_success(self) -> None:
+        if self._state is BreakerState.CLOSED:
+            self._consecutive = 0
+
+    def close(self) -> None:
+        self._state = BreakerState.CLOSED
+        self._consecutive = 0
+
+    def _open(self) -> None:
+        self._state = BreakerState.OPEN
+        self._opened_at = self._clock()
+        self.times_opened += 1
+
+
+class SpoolInUse(StackError):
+    """Another process (or producer) owns this spool file."""
+
+
+@dataclass(slots=True)
+class _Ticket:
+    """One `send()` batch; `on_durable` fires once every record is acked or spooled."""
+
+    remaining: int
+    started: float
+    on_durable: Callable[[float], None]
+
+
+@dataclass(slots=True)
+class _Pending:
+    token: int  # global produce order: the order rows must have in the spool
+    record: OutRecord
+    seq: int | None  # its spool row, if it has one
+    from_spool: bool
+    ticket: _Ticket | None
+
+
+@dataclass(frozen=True, slots=True)
+class ProducerStats:
+    breaker: BreakerState
+    breaker_opened: int
+    in_flight: int
+    spool_depth: int
+    max_spool_depth: int
+    sent_direct: int
+    delivered: int
+    delivered_from_spool: int
+    spooled: int
+    failed_deliveries: int
+    undeliverable: int
+    drain_seconds: tuple[float, ...]
+
+
+@dataclass
+class _Round:
+    """What one pass of callbacks produced, applied together (one SQLite txn each)."""
+
+    acks: list[int] = field(default_factory=list)
+    attempts: list[int] = field(default_factory=list)
+    delivered: list[OutRecord] = field(default_factory=list)
+    undeliverable: list[tuple[OutRecord, str]] = field(default_factory=list)
+    durable: list[_Ticket] = field(default_factory=list)
+
+
+DeliveredHook = Callable[[Sequence[OutRecord]], None]
+UndeliverableHook = Callable[[OutRecord, str], None]
+
+
+def _log_undeliverable(record: OutRecord, error: str) -> None:
+    logger.error(
+        "undeliverable record for %s key=%r (%d bytes): %s", record.topic, record.key, len(record.value), error
+    )
+
+
+class PlanProducer:
+    """Thread-safe: any thread may `send()`; a poll thread serves delivery
+    callbacks and probes the broker, a drain thread empties the spool."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        spool: Spool | None = None,
+        cooldown_s: float = DEFAULT_COOLDOWN_S,
+        failure_threshold: int = DEFAULT_FAILURE_THRESHOLD,
+        probe_timeout_s: float = 1.0,
+        drain_batch: int = DEFAULT_DRAIN_BATCH,
+        config: Mapping[str, str | int | bool] | None = None,
+        on_delivered: DeliveredHook | None = None,
+        on_undeliverable: UndeliverableHook = _log_undeliverable,
+    ) -> None:
+        self._settings = settings
+        self._conf = producer_config(settings, **_PRODUCER_EXTRA)
+        self._conf.update(config or {})
+        self._conf["error_cb"] = self._on_error
+        self._message_timeout_s = int(str(self._conf.get("message.timeout.ms", 300_000))) / 1000
+        self._probe_timeout_s = probe_timeout_s
+        self._drain_batch = drain_batch
+        self._on_delivered = on_delivered
+        self._on_undeliverable = on_undeliverable
+
+        self._owns_spool = spool is None
+        spool_path = settings.spool_path if spool is None else spool.path
+        self._lock_file = _lock_spool(spool_path)
+        try:
+            self._spool = Spool(spool_path) if spool is None else spool
+        except BaseException:
+            self._lock_file.close()
+            raise
+        self._breaker = CircuitBreaker(failure_threshold, cooldown_s)
+        self._producer = Producer(self._conf)
+
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._inflight: dict[int, _Pending] = {}
+        self._failed_unspooled: list[_Pending] = []
+        self._round = _Round()
+        self._fence = False
+        self._suspect = False
+        # Whether the broker answered since the last failure; decides if a drain probes first.
+        self._contact_ok = False
+        self._fatal: KafkaError | None = None
+        self._next_token = 0
+        self._closing = False
+        self._closed = False
+        self._drain_started: float | None = None
+        self._stats_sent_direct = 0
+        self._stats_delivered = 0
+        self._stats_delivered_from_spool = 0
+        self._stats_spooled = 0
+        self._stats_failed = 0
+        self._stats_undeliverable = 0
+        self._stats_drains: list[float] = []
+        self._max_depth = self._spool.depth()
+        # Leftovers from an earlier run must go out before anything new.
+        if self._max_depth:
+            logger.info("spool %s holds %d record(s) from an earlier run; draining first", spool_path, self._max_depth)
+        self._publish_gauges()
+
+        self._stop_drain = threading.Event()
+        self._stop_poll = threading.Event()
+        self._poll_thread = threading.Thread(target=self._poll_loop, name="planpipe-producer-poll", daemon=True)
+        self._drain_thread = threading.Thread(target=self._drain_loop, name="planpipe-producer-drain", daemon=True)
+        self._poll_thread.start()
+        self._drain_thread.start()
+
+    # -- public API ---------------------------------------------------------------
+
+    @property
+    def spool(self) -> Spool:
+        return self._spool
+
+    @property
+    def breaker_state(self) -> BreakerState:
+        with self._lock:
+            return self._breaker.state
+
+    def send(self, records: Sequence[OutRecord], *, on_durable: Callable[[float], None] | None = None) -> None:
+        """Hand records over, in order. Never blocks on the broker.
+
+        `on_durable(ms)` fires (from a producer thread) once every record of this
+        call is either acknowledged by Kafka or committed to the spool.
+        """
+        if not records:
+            return
+        ticket = _Ticket(len(records), time.perf_counter(), on_durable) if on_durable else None
+        with self._lock:
+            if self._closing:
+                raise RuntimeError("send() on a closed PlanProducer")
+            index = 0
+            if self._direct_allowed():
+                for index, record in enumerate(records):  # noqa: B007 - index is the resume point
+                    if not self._produce_direct(record, ticket):
+                        break
+                else:
+                    index = len(records)
+            if index < len(records):
+                self._spool_new(records[index:], ticket)
+            done, self._round.durable = self._round.durable, []
+            undeliverable, self._round.undeliverable = self._round.undeliverable, []
+        self._fire(done, undeliverable)
+
+    def flush(self, timeout: float) -> int:
+        """Wait until nothing is in flight and the spool is empty; returns what is left."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                left = len(self._inflight) + len(self._failed_unspooled) + self._spool.depth()
+                remaining = deadline - time.monotonic()
+                if left == 0 or remaining <= 0:
+                    return left
+                self._changed.wait(min(remaining, 0.25))
+
+    def stats(self) -> ProducerStats:
+        with self._lock:
+            return self._stats_locked()
+
+    def close(self, timeout: float = 10.0) -> ProducerStats:
+        """Flush for up to `timeout` s, then make everything still pending durable and stop.
+
+        Whatever Kafka has not acknowledged by then stays in the spool for the
+        next run (`planpipe spool drain`).
+        """
+        with self._lock:
+            if self._closed:
+                return self._stats_locked()
+            self._closing = True
+        self.flush(timeout)
+        self._stop_drain.set()
+        with self._changed:
+            self._changed.notify_all()
+        self._drain_thread.join()
+        with self._lock:
+            # Durability before letting go: anything librdkafka still holds gets a row.
+            self._persist_unspooled()
+            leftover = len(self._inflight)
+        if leftover:
+            logger.warning("closing with %d record(s) unacknowledged; they stay in the spool", leftover)
+        self._producer.purge(in_queue=True, in_flight=True, blocking=True)
+        self._stop_poll.set()
+        self._poll_thread.join()
+        self._producer.poll(0)  # serve the purge callbacks: rows stay, nothing else happens
+        self._settle()
+        self._producer.close()  # nothing outstanding after the purge, so this does not block
+        with self._lock:
+            self._closed = True
+            stats = self._stats_locked()
+        if self._owns_spool:
+            self._spool.close()
+        self._lock_file.close()
+        return stats
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    # -- sending (lock held) ----------------------------------------------------
+
+    def _direct_allowed(self) -> bool:
+        return (
+            self._breaker.state is BreakerState.CLOSED
+            and self._fatal is None
+            and not self._fence
+            and not self._failed_unspooled
+            and self._spool.depth() == 0
+        )
+
+    def _produce(self, record: OutRecord, seq: int | None, ticket: _Ticket | None, from_spool: bool) -> None:
+        token = self._next_token
+        headers: list[tuple[str, str | bytes | None]] = [(name, value) for name, value in record.headers]
+        self._producer.produce(
+            record.topic,
+            value=record.value,
+            key=record.key,
+            headers=headers or None,
+            on_delivery=functools.partial(self._on_delivery, token),
+        )
+        # Registered only once produce() accepted it: a raise leaves no ghost entry.
+        self._next_token = token + 1
+        self._inflight[token] = _Pending(token, record, seq, from_spool, ticket)
+
+    def _produce_direct(self, record: OutRecord, ticket: _Ticket | None) -> bool:
+        """False: divert this record and the rest of the batch to the spool."""
+        try:
+            self._produce(record, None, ticket, from_spool=False)
+        except BufferError:
+            self._failure("buffer_full", "local producer queue full (BufferError)")
+            return False
+        except KafkaException as error:
+            kafka_error: KafkaError = error.args[0]
+            if kafka_error.code() in _UNDELIVERABLE:
+                self._undeliverable(record, None, ticket, kafka_error.str())
+                return True
+            self._failure("produce", f"produce(): {kafka_error.str()}")
+            return False
+        self._stats_sent_direct += 1
+        return True
+
+    def _spool_new(self, records: Sequence[OutRecord], ticket: _Ticket | None) -> None:
+        # Older records first: they must keep their place ahead of these.
+        self._persist_unspooled()
+        self._spool.append(records)
+        self._note_spooled(len(records))
+        if ticket is not None:
+            self._resolve(ticket, len(records))
+
+    def _persist_unspooled(self) -> None:
+        """Give every record that has no spool row yet one, in produce order."""
+        waiting = self._failed_unspooled + [p for p in self._inflight.values() if p.seq is None]
+        if not waiting:
+            return
+        waiting.sort(key=lambda p: p.token)
+        seqs = self._spool.append([p.record for p in waiting])
+        for pending, seq in zip(waiting, seqs, strict=True):
+            pending.seq = seq  # still in flight: its ack will delete the row
+            if pending.ticket is not None:
+                self._resolve(pending.ticket, 1)
+                pending.ticket = None
+        self._failed_unspooled = []
+        self._note_spooled(len(seqs))
+
+    def _note_spooled(self, count: int) -> None:
+        self._stats_spooled += count
+        self._max_depth = max(self._max_depth, self._spool.depth())
+        self._publish_gauges()
+
+    def _resolve(self, ticket: _Ticket, count: int) -> None:
+        ticket.remaining -= count
+        if ticket.remaining == 0:
+            self._round.durable.append(ticket)
+
+    def _undeliverable(self, record: OutRecord, seq: int | None, ticket: _Ticket | None, error: str) -> None:
+        self._stats_undeliverable += 1
+        if seq is not None:
+            self._round.acks.append(seq)  # it can never succeed; the hook owns it now
+        if ticket is not None:
+            self._resolve(ticket, 1)
+        self._round.undeliverable.append((record, error))
+
+    def _failure(self, kind: str, what: str) -> None:
+        DELIVERY_FAILURES.labels(kind=kind).inc()
+        self._contact_ok = False
+        was = self._breaker.state
+        if self._breaker.record_failure(what):
+            if was is BreakerState.HALF_OPEN:
+                logger.info("producer circuit breaker re-opened, broker still unreachable: %s", what)
+            else:
+                logger.warning(
+                    "producer circuit breaker OPEN after %s; spooling to %s, retry in %.1f s",
+                    what,
+                    self._spool.path,
+                    self._breaker.cooldown_s,
+                )
+            # From now on new records are spooled; make the older in-flight ones
+            # durable first so the spool holds them in their original order.
+            self._persist_unspooled()
+        self._publish_gauges()
+        self._changed.notify_all()
+
+    # -- librdkafka callbacks (poll thread, inside poll()) ------------------------
+
+    def _on_delivery(self, token: int, error: KafkaError | None, message: Message) -> None:
+        with self._lock:
+            pending = self._inflight.pop(token, None)
+            if pending is None:
+                return
+            if error is None:
+                self._stats_delivered += 1
+                if pending.from_spool:
+                    self._stats_delivered_from_spool += 1
+                if pending.seq is not None:
+                    self._round.acks.append(pending.seq)
+                if pending.ticket is not None:
+                    self._resolve(pending.ticket, 1)
+                self._round.delivered.append(pending.record)
+                self._breaker.record_success()
+                self._contact_ok = True
+                return
+            code = error.code()
+            if code in _UNDELIVERABLE:
+                self._undeliverable(pending.record, pending.seq, pending.ticket, error.str())
+                return
+            if code not in _PURGED:
+                self._stats_failed += 1
+            if pending.seq is None:
+                self._failed_unspooled.append(pending)
+            else:
+                self._round.attempts.append(pending.seq)
+            if code not in _PURGED:
+                # Fence: nothing queued behind this record may be delivered before it.
+                self._fence = True
+                self._failure("delivery", f"delivery failed: {error.name()}: {error.str()}")
+
+    def _on_error(self, error: KafkaError) -> None:
+        with self._lock:
+            if error.fatal():
+                self._fatal = error
+                self._failure("fatal", f"fatal producer error: {error.name()}: {error.str()}")
+            elif error.code() in _UNREACHABLE:
+                self._suspect = True
+                self._failure("unreachable", f"{error.name()}: {error.str()}")
+            else:
+                logger.warning("producer error: %s: %s", error.name(), error.str())
+
+    # -- poll thread ----------------------------------------------------------------
+
+    def _poll_loop(self) -> None:
+        while not self._stop_poll.is_set():
+            self._producer.poll(0.05)
+            self._settle()
+            self._maybe_probe()
+            self._maybe_replace_producer()
+        self._settle()
+
+    def _settle(self) -> None:
+        """Apply one round of callbacks: spool failed records, fence, ack rows."""
+        with self._lock:
+            if self._failed_unspooled or self._fence:
+                self._persist_unspooled()
+            if self._fence:
+                self._fence = False
+                # Everything still queued already has a row (above); purging returns
+                # it via _PURGE_QUEUE so no later record can overtake the failed one.
+                self._producer.purge(in_queue=True, in_flight=False, blocking=False)
+            work, self._round = self._round, _Round()
+            if work.acks:
+                self._spool.ack(work.acks)
+                self._publish_gauges()
+            if work.attempts:
+                self._spool.record_attempt(work.attempts)
+            if self._drain_started is not None and not self._inflight and self._spool.depth() == 0:
+                self._stats_drains.append(time.monotonic() - self._drain_started)
+                self._drain_started = None
+            self._changed.notify_all()
+        if work.delivered and self._on_delivered is not None:
+            self._on_delivered(work.delivered)
+        self._fire(work.durable, work.undeliverable)
+
+    def _fire(self, durable: list[_Ticket], undeliverable: list[tuple[OutRecord, str]]) -> None:
+        now = time.perf_counter()
+        for ticket in durable:
+            ticket.on_durable((now - ticket.started) * 1000)
+        for record, error in undeliverable:
+            self._on_undeliverable(record, error)
+
+    def _probe(self) -> bool:
+        """Metadata round trip; a timeout counts as a breaker failure."""
+        try:
+            metadata = self._producer.list_topics(self._settings.topic, timeout=self._probe_timeout_s)
+        except KafkaException as error:
+            with self._lock:
+                self._failure("probe", f"metadata probe failed: {error}")
+            return False
+        ok = bool(metadata.brokers)
+        with self._lock:
+            if ok:
+                self._suspect = False
+                self._contact_ok = True
+                self._breaker.record_success()
+            else:
+                self._failure("probe", "metadata probe: no brokers")
+        return ok
+
+    def _maybe_probe(self) -> None:
+        with self._lock:
+            wanted = self._suspect and self._breaker.state is BreakerState.CLOSED
+        if wanted:
+            self._probe()
+
+    def _maybe_replace_producer(self) -> None:
+        """A fatal idempotence error leaves the handle unusable: spool, purge, start a new one."""
+        with self._lock:
+            if self._fatal is None:
+                return
+            logger.error("replacing the Kafka producer after %s", self._fatal.str())
+            self._persist_unspooled()
+            old = self._producer
+        old.purge(in_queue=True, in_flight=True, blocking=True)
+        old.poll(0)
+        self._settle()
+        with self._lock:
+            self._inflight.clear()  # all have rows; the old handle will never report them
+            self._producer = Producer(self._conf)
+            self._fatal = None
+            self._publish_gauges()
+
+    # -- drain thread ------------------------------------------------------------------
+
+    def _drain_wanted(self) -> bool:
+        if self._stop_drain.is_set():
+            return True
+        if self._inflight or self._failed_unspooled or self._fatal is not None:
+            return False  # librdkafka may still deliver older records: never overtake them
+        state = self._breaker.state
+        if state is BreakerState.HALF_OPEN:
+            return True
+        return state is BreakerState.CLOSED and self._spool.depth() > 0
+
+    def _drain_loop(self) -> None:
+        while True:
+            with self._changed:
+                self._changed.wait_for(self._drain_wanted, timeout=0.25)
+                if self._stop_drain.is_set():
+                    return
+                if not self._drain_wanted():
+                    continue
+                # Half-open, or leftovers from an earlier run: ask the broker first
+                # rather than parking a batch in librdkafka for message.timeout.ms.
+                probe_first = self._breaker.state is BreakerState.HALF_OPEN or not self._contact_ok
+            if probe_first and not self._probe():
+                continue
+            try:
+                self._drain_batch_once()
+            except Exception:
+                logger.exception("spool drain failed")
+                with self._lock:
+                    self._failure("produce", "spool drain raised")
+
+    def _drain_batch_once(self) -> None:
+        batch = self._spool.peek_batch(self._drain_batch)
+        with self._lock:
+            if self._inflight or self._failed_unspooled or self._breaker.state is BreakerState.OPEN:
+                return  # something changed since we decided to drain
+            if not batch:
+                self._close_breaker_if_drained()
+                return
+            if self._drain_started is None:
+                self._drain_started = time.monotonic()
+            for row in batch:
+                try:
+                    self._produce(row.record, row.seq, None, from_spool=True)
+                except BufferError:
+                    break  # the rest waits for the next batch, still in order
+                except KafkaException as error:
+                    kafka_error: KafkaError = error.args[0]
+                    if kafka_error.code() in _UNDELIVERABLE:
+                        self._undeliverable(row.record, row.seq, None, kafka_error.str())
+                        continue
+                    self._failure("produce", f"produce(): {kafka_error.str()}")
+                    break
+            undeliverable, self._round.undeliverable = self._round.undeliverable, []
+            # Wait for the whole batch (acked rows deleted by the poll thread) before
+            # the next peek, so a row is never produced twice in one session.
+            deadline = time.monotonic() + self._message_timeout_s + 5.0
+            while (self._inflight or self._failed_unspooled or self._round.acks) and not self._stop_drain.is_set():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._changed.wait(min(remaining, 0.25))
+            # A failure while half-open re-opens the breaker at once, so still
+            # half-open here means the whole trial batch was acknowledged.
+            if self._breaker.state is BreakerState.HALF_OPEN and not self._inflight:
+                logger.warning("producer circuit breaker CLOSED: trial batch of %d acknowledged", len(batch))
+                self._breaker.close()
+                self._publish_gauges()
+        self._fire([], undeliverable)
+
+    def _close_breaker_if_drained(self) -> None:
+        if self._spool.depth() == 0 and not self._inflight and self._breaker.state is BreakerState.HALF_OPEN:
+            logger.warning("producer circuit breaker CLOSED: broker answers, spool empty")
+            self._breaker.close()
+            self._publish_gauges()
+
+    # -- misc ------------------------------------------------------------------------------
+
+    def _publish_gauges(self) -> None:
+        SPOOL_DEPTH.set(self._spool.depth())
+        BREAKER_STATE.set(_STATE_GAUGE[self._breaker.state])
+
+    def _stats_locked(self) -> ProducerStats:
+        return ProducerStats(
+            breaker=self._breaker.state,
+            breaker_opened=self._breaker.times_opened,
+            in_flight=len(self._inflight),
+            spool_depth=self._spool.depth(),
+            max_spool_depth=self._max_depth,
+            sent_direct=self._stats_sent_direct,
+            delivered=self._stats_delivered,
+            delivered_from_spool=self._stats_delivered_from_spool,
+            spooled=self._stats_spooled,
+            failed_deliveries=self._stats_failed,
+            undeliverable=self._stats_undeliverable,
+            drain_seconds=tuple(self._stats_drains),
+        )
+
+
+def _lock_spool(path: Path) -> IO[bytes]:
+    """One writer per spool file: two drains would send the same rows twice."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path.with_name(path.name + ".lock"), "ab")  # noqa: SIM115 - held for the producer's lifetime
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise SpoolInUse(f"spool {path} is in use by another planpipe producer (pid file lock held)") from None
+    handle.truncate(0)
+    handle.write(f"{os.getpid()}\n".encode())
+    handle.flush()
+    return handle

@@ -1,0 +1,27 @@
+"""Real plans captured by planpipe_tests/fixtures/plans/capture_fixtures.py."""
+
+import json
+from pathlib import Path
+from typing import Any
+
+FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "plans"
+
+
+def plan_text(name: str) -> str:
+    return (FIXTURES / f"{name}.json").read_text()
+
+
+def plan_doc(name: str) -> Any:
+    """The fixture parsed with stdlib json, for tests that edit a real plan."""
+    return json.loads(plan_text(name))
+
+
+def all_names() -> list[str]:
+    return sorted(p.stem for p in FIXTURES.glob("*.json"))
+
+
+def walk(node: dict[str, Any]) -> list[dict[str, Any]]:
+    nodes = [node]
+    for child in node.get("Plans", []):
+        nodes.extend(walk(child))
+    return nodes

@@ -1,0 +1,7 @@
+"""Capture agents: turn PostgreSQL plans into envelopes.
+
+- `explain`: run a workload under EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) — read-only or rolled back.
+- `autoexplain`: read auto_explain JSON plans from jsonlog/csvlog/stderr server logs, across rotation and restarts.
+- `sqltext`: statement splitting, classification, normalization and the fallback query hash both share.
+- `cli`: `planpipe capture explain|autoexplain`, writing envelopes as JSONL for the publish stage.
+"""

@@ -441,7 +441,7 @@ class AutoExplainReader:
         settle_s: float = 1.0,
         read_bytes: int = 4 * 1024 * 1024,
     ) -> None:
-        self.log = Path(log)
+        self.log = Path(log).absolute()  # not resolve(): a symlinked log path is followed by name
         self.directory = self.log.is_dir()
         self.cluster_id = cluster_id
         self.state_path = Path(state_path) if state_path is not None else None

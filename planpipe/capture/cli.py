@@ -40,11 +40,20 @@ class JsonlWriter:
             os.fsync(self._stream.fileno())
 
 
+class OutputClosed(Exception):
+    """The reader of stdout went away (`| head`): stop capturing, there is no one to hand plans to."""
+
+
 @contextlib.contextmanager
 def _open_output(target: str, *, append: bool) -> Iterator[JsonlWriter]:
     if target == "-":
-        yield JsonlWriter(sys.stdout.buffer, sync=False)
-        sys.stdout.buffer.flush()
+        try:
+            yield JsonlWriter(sys.stdout.buffer, sync=False)
+            sys.stdout.buffer.flush()
+        except BrokenPipeError:
+            # Point stdout at devnull so the interpreter's final flush does not raise again.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise OutputClosed from None
         return
     with open(target, "ab" if append else "wb") as stream:
         yield JsonlWriter(stream, sync=True)
@@ -72,6 +81,9 @@ def _explain(args: argparse.Namespace, settings: Settings) -> int:
     except psycopg.OperationalError as error:
         print(f"planpipe capture explain: cannot connect: {error}", file=sys.stderr)
         return 2
+    except OutputClosed:
+        print("planpipe capture explain: output closed, workload stopped", file=sys.stderr)
+        return 1
     print(report.summary(), file=sys.stderr)
     return 1 if report.failed else 0
 
@@ -125,6 +137,10 @@ def _autoexplain(args: argparse.Namespace, settings: Settings) -> int:
                 reader.commit()
             print_messages(reader)
             print(reader.summary(), file=sys.stderr)
+    except OutputClosed:
+        # The batch in flight was not committed: a restart with --state emits it again.
+        print("planpipe capture autoexplain: output closed", file=sys.stderr)
+        return 1
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

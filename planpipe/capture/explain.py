@@ -7,8 +7,8 @@ Safety rules, per statement (see `sqltext.classify`):
 * DML (INSERT/UPDATE/DELETE/MERGE, a WITH containing one, and SELECT … FOR
   UPDATE/SHARE, which a read-only transaction refuses) runs in a transaction
   that is always rolled back. Rollback cannot undo non-transactional effects:
-  sequence increments (`nextval`, serial columns) and anything a function does
-  outside the database.
+  sequence increments (`nextval`, serial columns), session-level advisory
+  locks, and anything a function does outside the database (dblink, files).
 * CREATE TABLE AS / SELECT INTO / CREATE MATERIALIZED VIEW AS get a plain
   `EXPLAIN (FORMAT JSON)` — planned, never executed — with query_type "DDL",
   `actual_rows` 0 and `total_time_ms` 0 (there is no execution to measure).
@@ -27,7 +27,9 @@ Envelope fields:
   Identifier" of an extra `EXPLAIN (VERBOSE, FORMAT JSON)` in the same
   transaction (PostgreSQL 14+ with `compute_query_id` on, or `auto` with
   pg_stat_statements loaded), as a signed decimal string. Otherwise the
-  fallback `sqltext.text_hash` (sha256 hex of the normalized text).
+  fallback `sqltext.text_hash` (sha256 hex of the normalized text). CREATE
+  TABLE AS & co. always use the fallback: EXPLAIN shows the identifier of the
+  inner SELECT there, which would file the DDL under that SELECT's baseline.
 * `execution_timestamp`: `time.time()` just before the EXPLAIN ANALYZE is sent.
 * `total_time_ms`: the plan's "Execution Time" only. "Planning Time" is left
   out because it depends on plan-cache and catalog-cache state rather than on
@@ -233,8 +235,10 @@ class ExplainCapturer:
         conn.execute("BEGIN READ ONLY" if read_only else "BEGIN")
         try:
             conn.execute(f"SET LOCAL statement_timeout = {self.statement_timeout_ms}")
-            # Plain EXPLAIN VERBOSE plans without executing: it only yields the query identifier.
-            query_id = query_identifier(first_entry(_explain(conn, "VERBOSE, FORMAT JSON", statement.text)))
+            query_id: str | None = None
+            if kind is not StatementKind.CTAS:
+                # Plain EXPLAIN VERBOSE plans without executing: it only yields the query identifier.
+                query_id = query_identifier(first_entry(_explain(conn, "VERBOSE, FORMAT JSON", statement.text)))
             executed_at = time.time()
             if kind is StatementKind.CTAS:
                 plan_text = _explain(conn, "FORMAT JSON", statement.text)

@@ -11,6 +11,7 @@ import pytest
 
 from planpipe.capture.cli import add_parsers
 from planpipe.capture.explain import capture_workload
+from planpipe.capture.sqltext import text_hash
 from planpipe.contract import Envelope, EnvelopeDecoder, encode_envelope
 from planpipe.settings import Settings
 from planpipe_tests.integration.capture.conftest import PgbenchDb
@@ -84,7 +85,10 @@ def test_workload_capture_is_safe_and_complete(pgbench_db: PgbenchDb, bench: psy
         plan = json.loads(envelope.plan_text)
         assert isinstance(plan, list) and "Plan" in plan[0]
         assert envelope.cluster_id == str(system_id[0])
-        assert envelope.query_hash.lstrip("-").isdigit()  # compute_query_id is on: real query ids
+        if envelope.query_type == "DDL":  # CTAS: the text hash, not the inner SELECT's query id
+            assert envelope.query_hash == text_hash(str(envelope.query_text))
+        else:  # compute_query_id is on: real query ids
+            assert envelope.query_hash.lstrip("-").isdigit()
 
     point = _by_text(report.envelopes, "aid = 42")
     assert (point.query_type, point.actual_rows) == ("SELECT", 1)

@@ -1,0 +1,58 @@
+"""Asset checks for the runbook's ingestion SLAs; each shows the measured value, threshold and window."""
+
+from collections.abc import Callable
+
+import dagster as dg
+import psycopg
+
+from planpipe.defs.ingest.assets import BASELINES, OBSERVATIONS, query_plans_topic
+from planpipe.defs.resources import PlanpipeResource
+from planpipe.ingest import sla
+from planpipe.settings import Settings
+
+
+def _result(outcome: sla.SlaResult, severity: dg.AssetCheckSeverity) -> dg.AssetCheckResult:
+    metadata = {
+        "measured": dg.MetadataValue.float(outcome.value) if outcome.value is not None else dg.MetadataValue.text("no data"),
+        "threshold": dg.MetadataValue.float(outcome.threshold),
+        "window_seconds": dg.MetadataValue.int(outcome.window_s),
+        "detail": dg.MetadataValue.text(outcome.detail),
+    }
+    return dg.AssetCheckResult(passed=outcome.passed, severity=severity, metadata=metadata)
+
+
+def _measure(planpipe: PlanpipeResource, measure: Callable[[psycopg.Connection[tuple[object, ...]], Settings], sla.SlaResult]) -> sla.SlaResult:
+    settings = planpipe.settings()
+    with psycopg.connect(settings.pg_dsn, connect_timeout=10) as conn:
+        return measure(conn, settings)
+
+
+@dg.asset_check(asset=query_plans_topic.key, description="Lag ≤ 15,000 messages per partition, not breached for > 3 min.")
+def consumer_lag_sla(planpipe: PlanpipeResource) -> dg.AssetCheckResult:
+    outcome = _measure(planpipe, lambda c, s: sla.consumer_lag(c, s.consumer_group, s.topic))
+    return _result(outcome, dg.AssetCheckSeverity.ERROR)
+
+
+@dg.asset_check(asset=BASELINES, description="p95 publish → baseline-commit latency ≤ 1,200 ms over the last 5 min.")
+def p95_latency_sla(planpipe: PlanpipeResource) -> dg.AssetCheckResult:
+    outcome = _measure(planpipe, lambda c, s: sla.p95_latency(c, s.consumer_group))
+    return _result(outcome, dg.AssetCheckSeverity.ERROR)
+
+
+@dg.asset_check(
+    asset=OBSERVATIONS,
+    blocking=True,
+    description="DLQ rate ≤ 0.15 % of consumed over the last 5 min; blocks downstream assets when breached.",
+)
+def dlq_rate_sla(planpipe: PlanpipeResource) -> dg.AssetCheckResult:
+    outcome = _measure(planpipe, lambda c, s: sla.dlq_rate(c, s.consumer_group))
+    return _result(outcome, dg.AssetCheckSeverity.ERROR)
+
+
+@dg.asset_check(asset=BASELINES, description="Baseline-store lock wait ≤ 800 ms per batch over the last 5 min.")
+def lock_wait_sla(planpipe: PlanpipeResource) -> dg.AssetCheckResult:
+    outcome = _measure(planpipe, lambda c, s: sla.lock_wait(c, s.consumer_group))
+    return _result(outcome, dg.AssetCheckSeverity.WARN)
+
+
+sla_checks = [consumer_lag_sla, p95_latency_sla, dlq_rate_sla, lock_wait_sla]

@@ -1,0 +1,60 @@
+"""Resources of the code location: the one place where Dagster learns about planpipe's settings.
+
+Connection details come from the environment (`planpipe.settings`); in
+production set PLANPIPE_KAFKA_BOOTSTRAP / PLANPIPE_PG_DSN and nothing is started.
+"""
+
+import os
+from dataclasses import replace
+
+import dagster as dg
+
+from planpipe.settings import Settings, load_settings
+
+
+class PlanpipeResource(dg.ConfigurableResource):  # type: ignore[misc]
+    """Settings for engine calls; each field defaults to the environment's value."""
+
+    topic: str | None = None
+    dlq_topic: str | None = None
+    consumer_group: str | None = None
+    replay_group: str | None = None
+    max_ingest_runs: int = 2
+    ingest_max_seconds: float = 300.0
+
+    def settings(self) -> Settings:
+        base = load_settings()
+        return replace(
+            base,
+            topic=self.topic or base.topic,
+            dlq_topic=self.dlq_topic or base.dlq_topic,
+            consumer_group=self.consumer_group or base.consumer_group,
+            replay_group=self.replay_group or base.replay_group,
+        )
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    return int(raw) if raw else default
+
+
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name, "").strip()
+    return float(raw) if raw else default
+
+
+def _from_env(name: str) -> dg.EnvVar | None:
+    # EnvVar keeps the value out of the run config and shows its source in the UI;
+    # unset variables fall back to planpipe's local defaults.
+    return dg.EnvVar(name) if os.environ.get(name, "").strip() else None
+
+
+def planpipe_resource() -> PlanpipeResource:
+    return PlanpipeResource(
+        topic=_from_env("PLANPIPE_TOPIC"),
+        dlq_topic=_from_env("PLANPIPE_DLQ_TOPIC"),
+        consumer_group=_from_env("PLANPIPE_CONSUMER_GROUP"),
+        replay_group=_from_env("PLANPIPE_REPLAY_GROUP"),
+        max_ingest_runs=_env_int("PLANPIPE_MAX_INGEST_RUNS", 2),
+        ingest_max_seconds=_env_float("PLANPIPE_INGEST_MAX_SECONDS", 300.0),
+    )

@@ -1,0 +1,104 @@
+"""The runbook's ingestion SLAs, measured from what the pipeline recorded in PostgreSQL.
+
+Each evaluation returns the measured value, the threshold and the window so the
+Dagster asset checks (and operators with psql) see why something passed or failed.
+"""
+
+from dataclasses import dataclass
+from typing import Final
+
+import psycopg
+
+LAG_THRESHOLD: Final = 15_000  # messages per partition
+LAG_SUSTAINED_S: Final = 180  # ... for more than 3 minutes
+P95_THRESHOLD_MS: Final = 1_200.0
+DLQ_RATE_THRESHOLD: Final = 0.0015  # 0.15 % of consumed
+LOCK_WAIT_THRESHOLD_MS: Final = 800.0
+DEFAULT_WINDOW_S: Final = 300
+
+
+@dataclass(frozen=True)
+class SlaResult:
+    name: str
+    passed: bool
+    value: float | None  # None: nothing to measure in the window (passes)
+    threshold: float
+    window_s: int
+    detail: str
+
+    def as_metadata(self) -> dict[str, object]:
+        return {
+            "measured": self.value,
+            "threshold": self.threshold,
+            "window_seconds": self.window_s,
+            "detail": self.detail,
+        }
+
+
+def _one(conn: psycopg.Connection[tuple[object, ...]], sql: str, params: tuple[object, ...]) -> tuple[object, ...]:
+    row = conn.execute(sql, params).fetchone()
+    assert row is not None
+    return row
+
+
+def consumer_lag(conn: psycopg.Connection[tuple[object, ...]], group: str, topic: str,
+                 sustained_s: int = LAG_SUSTAINED_S) -> SlaResult:  # fmt: skip
+    """Breach: some partition's lag stayed above 15,000 in every sample of the last 3 minutes,
+    and the samples span the whole 3 minutes."""
+    rows = conn.execute(
+        """SELECT partition, min(lag), extract(epoch FROM max(sampled_at) - min(sampled_at)), max(lag)
+           FROM planpipe.lag_samples
+           WHERE consumer_group = %s AND topic = %s AND sampled_at > now() - make_interval(secs => %s)
+           GROUP BY partition""",
+        (group, topic, sustained_s + 30),
+    ).fetchall()
+    breaching = [
+        (int(p), int(low)) for p, low, span, _ in rows  # type: ignore[call-overload]
+        if int(low) > LAG_THRESHOLD and float(span) >= sustained_s * 0.9  # type: ignore[call-overload, arg-type]
+    ]
+    worst = max((int(hi) for _, _, _, hi in rows), default=None)  # type: ignore[call-overload]
+    detail = (f"partitions over {LAG_THRESHOLD} for {sustained_s}s: {breaching}" if breaching
+              else f"{len(rows)} partitions sampled")  # fmt: skip
+    return SlaResult("consumer_lag", not breaching, worst, LAG_THRESHOLD, sustained_s, detail)
+
+
+def p95_latency(conn: psycopg.Connection[tuple[object, ...]], group: str, window_s: int = DEFAULT_WINDOW_S) -> SlaResult:
+    """Record-weighted p95 of publish → baseline-commit latency over the batches of the window
+    (each batch's p95 weighted by its rows: an upper-bound-leaning estimate)."""
+    value, batches = _one(
+        conn,
+        """SELECT percentile_cont(0.95) WITHIN GROUP (ORDER BY p95_latency_ms), count(*)
+           FROM planpipe.ingest_batches, generate_series(1, greatest(valid, 1))
+           WHERE consumer_group = %s AND committed_at > now() - make_interval(secs => %s)
+             AND p95_latency_ms IS NOT NULL""",
+        (group, window_s),
+    )
+    measured = None if value is None else float(value)  # type: ignore[arg-type]
+    passed = measured is None or measured <= P95_THRESHOLD_MS
+    return SlaResult("p95_publish_to_commit", passed, measured, P95_THRESHOLD_MS, window_s,
+                     f"{batches} weighted observations")  # fmt: skip
+
+
+def dlq_rate(conn: psycopg.Connection[tuple[object, ...]], group: str, window_s: int = DEFAULT_WINDOW_S) -> SlaResult:
+    dlq, consumed = _one(
+        conn,
+        """SELECT coalesce(sum(dlq), 0), coalesce(sum(consumed), 0) FROM planpipe.ingest_batches
+           WHERE consumer_group = %s AND committed_at > now() - make_interval(secs => %s)""",
+        (group, window_s),
+    )
+    dlq_n, consumed_n = int(dlq), int(consumed)  # type: ignore[call-overload]
+    rate = None if consumed_n == 0 else dlq_n / consumed_n
+    passed = rate is None or rate <= DLQ_RATE_THRESHOLD
+    return SlaResult("dlq_rate", passed, rate, DLQ_RATE_THRESHOLD, window_s, f"{dlq_n} of {consumed_n} consumed")
+
+
+def lock_wait(conn: psycopg.Connection[tuple[object, ...]], group: str, window_s: int = DEFAULT_WINDOW_S) -> SlaResult:
+    worst, batches = _one(
+        conn,
+        """SELECT max(lock_wait_ms), count(*) FROM planpipe.ingest_batches
+           WHERE consumer_group = %s AND committed_at > now() - make_interval(secs => %s)""",
+        (group, window_s),
+    )
+    measured = None if worst is None else float(worst)  # type: ignore[arg-type]
+    passed = measured is None or measured <= LOCK_WAIT_THRESHOLD_MS
+    return SlaResult("lock_wait", passed, measured, LOCK_WAIT_THRESHOLD_MS, window_s, f"{batches} batches")

@@ -26,7 +26,7 @@ def command(name: str) -> Callable[[Handler], Handler]:
 
 # Stage modules add their own sub-commands: add_parsers(sub) registers parsers whose
 # `handler` default is a Handler. Keeping them beside their stage keeps this file small.
-_STAGE_COMMANDS: tuple[str, ...] = ("planpipe.ingest.cli",)
+_STAGE_COMMANDS: tuple[str, ...] = ("planpipe.capture.cli", "planpipe.ingest.cli")
 
 
 def _print_json(payload: object) -> None:

@@ -116,7 +116,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         pg_dsn=pg_dsn,
         pg_external=bool(external_dsn),
         pg_port=pg_port,
-        dagster_pg_dsn=_env(env, "PLANPIPE_DAGSTER_PG_DSN", _with_database(pg_dsn, "dagster")),
+        dagster_pg_dsn=_env(env, "PLANPIPE_DAGSTER_PG_DSN", _sqlalchemy_url(_with_database(pg_dsn, "dagster"))),
         topic=_env(env, "PLANPIPE_TOPIC", "query-plans"),
         dlq_topic=_env(env, "PLANPIPE_DLQ_TOPIC", "query-plans.dlq"),
         partitions=_env_int(env, "PLANPIPE_PARTITIONS", 6),
@@ -142,3 +142,10 @@ def _with_database(dsn: str, database: str) -> str:
         raise ValueError(f"PostgreSQL DSN must be a URL (postgresql://…), got {dsn!r}")
     authority = rest.split("/", 1)[0]
     return f"{scheme}://{authority}/{database}{sep}{query}"
+
+
+def _sqlalchemy_url(dsn: str) -> str:
+    """dagster-postgres issues `NOTIFY channel, %(param)s`, which only psycopg2's client-side
+    binding supports; SQLAlchemy 2.1 defaults `postgresql://` to psycopg 3, so name the driver."""
+    scheme, sep, rest = dsn.partition("://")
+    return f"postgresql+psycopg2://{rest}" if scheme in ("postgresql", "postgres") and sep else dsn

@@ -404,15 +404,19 @@ class PlanProducer:
     # -- sending (lock held) ----------------------------------------------------
 
     def _direct_allowed(self) -> bool:
-        return (
-            self._breaker.state is BreakerState.CLOSED
-            and self._fatal is None
-            and not self._fence
-            and not self._failed_unspooled
-            and self._spool.depth() == 0
-        )
+        if self._breaker.state is not BreakerState.CLOSED or self._fatal or self._fence or self._failed_unspooled:
+            return False
+        depth = self._spool.depth()
+        if depth == 0:
+            return True
+        # Hand-over: when every spooled row is already inside librdkafka (the drain's
+        # last batch), a new record queues behind them there, so order holds.
+        # Without this, steady traffic would keep arriving faster than one drain
+        # round trip and never leave the spool path after an outage.
+        rows_in_flight = sum(1 for p in self._inflight.values() if p.seq is not None)
+        return depth == rows_in_flight + len(self._round.acks)
 
-    def _produce(self, record: OutRecord, seq: int | None, ticket: _Ticket | None, from_spool: bool) -> None:
+    def _produce(self, record: OutRecord, seq: int | None, ticket: _Ticket | None, from_spool: bool) -> int:
         token = self._next_token
         headers: list[tuple[str, str | bytes | None]] = [(name, value) for name, value in record.headers]
         self._producer.produce(
@@ -425,6 +429,7 @@ class PlanProducer:
         # Registered only once produce() accepted it: a raise leaves no ghost entry.
         self._next_token = token + 1
         self._inflight[token] = _Pending(token, record, seq, from_spool, ticket)
+        return token
 
     def _produce_direct(self, record: OutRecord, ticket: _Ticket | None) -> bool:
         """False: divert this record and the rest of the batch to the spool."""
@@ -575,7 +580,7 @@ class PlanProducer:
                 self._publish_gauges()
             if work.attempts:
                 self._spool.record_attempt(work.attempts)
-            if self._drain_started is not None and not self._inflight and self._spool.depth() == 0:
+            if self._drain_started is not None and self._spool.depth() == 0:
                 self._stats_drains.append(time.monotonic() - self._drain_started)
                 self._drain_started = None
             self._changed.notify_all()
@@ -673,9 +678,10 @@ class PlanProducer:
                 return
             if self._drain_started is None:
                 self._drain_started = time.monotonic()
+            tokens: list[int] = []
             for row in batch:
                 try:
-                    self._produce(row.record, row.seq, None, from_spool=True)
+                    tokens.append(self._produce(row.record, row.seq, None, from_spool=True))
                 except BufferError:
                     break  # the rest waits for the next batch, still in order
                 except KafkaException as error:
@@ -689,14 +695,16 @@ class PlanProducer:
             # Wait for the whole batch (acked rows deleted by the poll thread) before
             # the next peek, so a row is never produced twice in one session.
             deadline = time.monotonic() + self._message_timeout_s + 5.0
-            while (self._inflight or self._failed_unspooled or self._round.acks) and not self._stop_drain.is_set():
+            while not self._stop_drain.is_set() and (
+                any(t in self._inflight for t in tokens) or self._failed_unspooled or self._round.acks
+            ):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
                 self._changed.wait(min(remaining, 0.25))
             # A failure while half-open re-opens the breaker at once, so still
             # half-open here means the whole trial batch was acknowledged.
-            if self._breaker.state is BreakerState.HALF_OPEN and not self._inflight:
+            if self._breaker.state is BreakerState.HALF_OPEN and not any(t in self._inflight for t in tokens):
                 logger.warning("producer circuit breaker CLOSED: trial batch of %d acknowledged", len(batch))
                 self._breaker.close()
                 self._publish_gauges()

@@ -8,7 +8,7 @@ def test_defaults_point_at_the_local_stack() -> None:
     assert settings.kafka_bootstrap == "127.0.0.1:39092"
     assert not settings.kafka_external and not settings.pg_external
     assert settings.pg_dsn.endswith("@127.0.0.1:55432/planpipe")
-    assert settings.dagster_pg_dsn.endswith("@127.0.0.1:55432/dagster")
+    assert settings.dagster_pg_dsn == "postgresql+psycopg2://postgres@127.0.0.1:55432/dagster"
     assert (settings.topic, settings.dlq_topic) == ("query-plans", "query-plans.dlq")
     assert (settings.batch_max_messages, settings.batch_max_wait_s) == (500, 1.0)
 
@@ -17,7 +17,7 @@ def test_external_services_are_used_as_given() -> None:
     settings = load_settings({"PLANPIPE_KAFKA_BOOTSTRAP": "k1:9092,k2:9092", "PLANPIPE_PG_DSN": "postgresql://u:p@db:5432/plans?sslmode=require"})
     assert settings.kafka_external and settings.kafka_bootstrap == "k1:9092,k2:9092"
     assert settings.pg_external
-    assert settings.dagster_pg_dsn == "postgresql://u:p@db:5432/dagster?sslmode=require"
+    assert settings.dagster_pg_dsn == "postgresql+psycopg2://u:p@db:5432/dagster?sslmode=require"
 
 
 def test_librdkafka_options_pass_through_with_scope() -> None:

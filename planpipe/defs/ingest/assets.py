@@ -81,7 +81,7 @@ def ingest_micro_batches(context: dg.AssetExecutionContext, planpipe: PlanpipeRe
     def record(report: BatchReport) -> None:
         context.log_event(dg.AssetMaterialization(asset_key=OBSERVATIONS, metadata=_batch_metadata(report)))
 
-    engine = IngestEngine(settings, on_batch=record, client_id=f"dagster-{context.run_id[:8]}")
+    engine = IngestEngine(settings, on_batch=record, client_id=f"dagster-{context.run.run_id[:8]}")
     try:
         summary = engine.run(until_caught_up=True, max_seconds=planpipe.ingest_max_seconds)
     finally:

@@ -5,6 +5,7 @@ own (separate home, ports and data dir) and stop it in the middle of a publish.
 """
 
 import collections
+import itertools
 import logging
 import socket
 import threading
@@ -91,6 +92,7 @@ def envelope(seq: int) -> bytes:
 @dataclass
 class Timeline:
     stop_s: float = 0.0
+    pause_s: float = 0.0
     down_s: float = 0.0
     start_s: float = 0.0
     drained_after_restart_s: float = 0.0
@@ -126,6 +128,7 @@ def run_outage(settings: Settings, down_for_s: float) -> tuple[PublishReport, Ti
         kafka.stop(settings)
         timeline.stop_s = time.monotonic() - mark
         time.sleep(down_for_s)
+        timeline.pause_s = down_for_s
         assert publisher.producer.breaker_state is not BreakerState.CLOSED
         mark = time.monotonic()
         kafka.start(settings)
@@ -171,13 +174,13 @@ def check_topic(settings: Settings) -> tuple[int, int]:
 
 
 def _first_inversion(order: list[int]) -> tuple[int, int] | None:
-    return next(((a, b) for a, b in zip(order, order[1:], strict=False) if b < a), None)
+    return next(((a, b) for a, b in itertools.pairwise(order) if b < a), None)
 
 
 def report_figures(title: str, report: PublishReport, timeline: Timeline, records: int, dead: int) -> str:
     stats = report.producer
     return (
-        f"\n{title}: broker stop {timeline.stop_s:.1f} s + down {timeline.down_s - timeline.stop_s - timeline.start_s:.0f} s"
+        f"\n{title}: broker stop {timeline.stop_s:.1f} s + down {timeline.pause_s:.0f} s"
         f" + start {timeline.start_s:.1f} s = {timeline.down_s:.1f} s without a broker\n"
         f"  published {records} envelopes over {KEYS} keys + {dead} DLQ records;"
         f" breaker opened {stats.breaker_opened}x (incl. half-open re-opens)\n"

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -26,7 +27,12 @@ def command(name: str) -> Callable[[Handler], Handler]:
 
 # Stage modules add their own sub-commands: add_parsers(sub) registers parsers whose
 # `handler` default is a Handler. Keeping them beside their stage keeps this file small.
-_STAGE_COMMANDS: tuple[str, ...] = ("planpipe.capture.cli", "planpipe.ingest.cli")
+_STAGE_COMMANDS: tuple[str, ...] = (
+    "planpipe.capture.cli",
+    "planpipe.routing.cli",
+    "planpipe.ingest.cli",
+    "planpipe.demo.cli",
+)
 
 
 def _print_json(payload: object) -> None:
@@ -92,29 +98,30 @@ def _migrate(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def dagster_environment(settings: Settings) -> dict[str, str]:
-    env = dict(os.environ)
-    env["DAGSTER_HOME"] = str(settings.dagster_home)
-    env["PLANPIPE_DAGSTER_PG_DSN"] = settings.dagster_pg_dsn
-    env.setdefault("PLANPIPE_MAX_INGEST_RUNS", "2")
-    return env
-
-
 @command("dev")
 def _dev(args: argparse.Namespace, settings: Settings) -> int:
-    """Stack up, then the Dagster webserver and daemon on the planpipe code location."""
+    """Stack up, demo traffic, and the Dagster webserver + daemon on the planpipe code location."""
     from planpipe import stack
+    from planpipe.demo.cli import dagster_environment, run_traffic_in_background
 
     report = stack.up(settings)
     print(f"stack up in {report.seconds}s; Dagster UI on http://{args.host}:{args.port}", flush=True)
     dagster = shutil.which("dagster", path=os.path.dirname(sys.executable)) or "dagster"
-    process = subprocess.run(
+    process = subprocess.Popen(
         [dagster, "dev", "-w", str(REPO_ROOT / "workspace.yaml"), "-h", args.host, "-p", str(args.port)],
         env=dagster_environment(settings),
         cwd=REPO_ROOT,
-        check=False,
     )
-    return process.returncode
+    traffic = None if args.no_traffic else run_traffic_in_background(settings)
+    try:
+        return process.wait()
+    except KeyboardInterrupt:
+        process.send_signal(signal.SIGINT)
+        return process.wait()
+    finally:
+        if traffic is not None:
+            traffic[1].set()
+            traffic[0].join(timeout=60)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("dev", help="stack up + Dagster webserver and daemon (the main job)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=3000)
+    p.add_argument("--no-traffic", action="store_true", help="do not run the demo capture loop")
     for module_name in _STAGE_COMMANDS:
         importlib.import_module(module_name).add_parsers(sub)
     return parser

@@ -42,7 +42,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Final, Self
+from typing import IO, Any, Final, Protocol, Self
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from prometheus_client import Counter, Gauge
@@ -225,6 +225,32 @@ class _Round:
     durable: list[_Ticket] = field(default_factory=list)
 
 
+DeliveryCallback = Callable[[KafkaError | None, Message], None]
+HeadersType = dict[str, str | bytes | None] | list[tuple[str, str | bytes | None]]
+
+
+class KafkaClient(Protocol):
+    """The part of `confluent_kafka.Producer` used here (tests substitute a fake)."""
+
+    def produce(
+        self,
+        topic: str,
+        value: str | bytes | None = None,
+        key: str | bytes | None = None,
+        partition: int = -1,
+        callback: DeliveryCallback | None = None,
+        on_delivery: DeliveryCallback | None = None,
+        timestamp: int = 0,
+        headers: HeadersType | None = None,
+    ) -> None: ...
+    def poll(self, timeout: float = -1) -> int: ...
+    def purge(self, in_queue: bool = True, in_flight: bool = True, blocking: bool = True) -> None: ...
+    def list_topics(self, topic: str | None = None, timeout: float = -1) -> Any: ...
+    def close(self) -> bool: ...
+
+
+ClientFactory = Callable[[dict[str, Any]], KafkaClient]
+
 DeliveredHook = Callable[[Sequence[OutRecord]], None]
 UndeliverableHook = Callable[[OutRecord, str], None]
 
@@ -251,6 +277,7 @@ class PlanProducer:
         config: Mapping[str, str | int | bool] | None = None,
         on_delivered: DeliveredHook | None = None,
         on_undeliverable: UndeliverableHook = _log_undeliverable,
+        client_factory: ClientFactory = Producer,
     ) -> None:
         self._settings = settings
         self._conf = producer_config(settings, **_PRODUCER_EXTRA)
@@ -271,7 +298,8 @@ class PlanProducer:
             self._lock_file.close()
             raise
         self._breaker = CircuitBreaker(failure_threshold, cooldown_s)
-        self._producer = Producer(self._conf)
+        self._client_factory = client_factory
+        self._producer = client_factory(self._conf)
 
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
@@ -583,6 +611,7 @@ class PlanProducer:
             if self._drain_started is not None and self._spool.depth() == 0:
                 self._stats_drains.append(time.monotonic() - self._drain_started)
                 self._drain_started = None
+                self._close_breaker_if_drained()
             self._changed.notify_all()
         if work.delivered and self._on_delivered is not None:
             self._on_delivered(work.delivered)
@@ -632,7 +661,7 @@ class PlanProducer:
         self._settle()
         with self._lock:
             self._inflight.clear()  # all have rows; the old handle will never report them
-            self._producer = Producer(self._conf)
+            self._producer = self._client_factory(self._conf)
             self._fatal = None
             self._publish_gauges()
 

@@ -1,0 +1,155 @@
+"""`planpipe demo`: the main job without the webserver — daemon + demo traffic, then a JSON summary."""
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from planpipe.settings import REPO_ROOT, Settings
+
+
+def add_parsers(sub: "argparse._SubParsersAction[Any]") -> None:
+    p = sub.add_parser("demo", help="run the Dagster daemon with demo traffic for a while and print a JSON summary")
+    p.add_argument("--duration", type=float, default=120.0, help="seconds of demo traffic (default 120)")
+    p.add_argument("--interval", type=float, default=3.0, help="seconds between capture cycles")
+    p.add_argument("--settle", type=float, default=120.0, help="max seconds to wait for runs to finish afterwards")
+    p.set_defaults(handler=_demo)
+
+
+def dagster_environment(settings: Settings) -> dict[str, str]:
+    env = dict(os.environ)
+    env["DAGSTER_HOME"] = str(settings.dagster_home)
+    env["PLANPIPE_DAGSTER_PG_DSN"] = settings.dagster_pg_dsn
+    env.setdefault("PLANPIPE_MAX_INGEST_RUNS", "2")
+    return env
+
+
+def _venv_tool(name: str) -> str:
+    return shutil.which(name, path=os.path.dirname(sys.executable)) or name
+
+
+def start_daemon(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
+    handle = log.open("ab")
+    return subprocess.Popen(
+        [_venv_tool("dagster-daemon"), "run", "-w", str(REPO_ROOT / "workspace.yaml")],
+        env=dagster_environment(settings),
+        cwd=REPO_ROOT,
+        stdout=handle,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def stop_process_group(process: subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:
+    if process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def _runs_since(settings: Settings, since: datetime) -> list[Any]:
+    import dagster as dg
+
+    os.environ["PLANPIPE_DAGSTER_PG_DSN"] = settings.dagster_pg_dsn
+    instance = dg.DagsterInstance.from_config(str(settings.dagster_home))
+    try:
+        return list(instance.get_runs(dg.RunsFilter(created_after=since)))
+    finally:
+        instance.dispose()
+
+
+def _check_outcomes(settings: Settings, run_ids: list[str]) -> Counter[str]:
+    import dagster as dg
+
+    outcomes: Counter[str] = Counter()
+    instance = dg.DagsterInstance.from_config(str(settings.dagster_home))
+    try:
+        for run_id in run_ids:
+            for entry in instance.all_logs(run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION):
+                data = entry.dagster_event.event_specific_data  # type: ignore[union-attr]
+                outcomes["passed" if data.passed else "failed"] += 1  # type: ignore[union-attr]
+    finally:
+        instance.dispose()
+    return outcomes
+
+
+def _count(conn: psycopg.Connection[tuple[object, ...]], sql: str, since: datetime) -> int:
+    if conn.execute("SELECT to_regclass(%s)", (sql.split("FROM ")[1].split()[0],)).fetchone() == (None,):
+        return 0
+    row = conn.execute(sql, (since,)).fetchone()
+    return int(row[0] or 0) if row else 0  # type: ignore[call-overload]
+
+
+def _demo(args: argparse.Namespace, settings: Settings) -> int:
+    from planpipe import stack
+    from planpipe.demo.traffic import run_traffic
+
+    stack.up(settings)
+    since = datetime.now(UTC)
+    daemon = start_daemon(settings, settings.home / "demo-daemon.log")
+    print(f"dagster-daemon started (log: {settings.home / 'demo-daemon.log'}); traffic for {args.duration:.0f}s",
+          file=sys.stderr)  # fmt: skip
+    try:
+        traffic = run_traffic(settings, duration_s=args.duration, interval_s=args.interval)
+        deadline = time.monotonic() + args.settle
+        # Let the sensors see the last traffic and the runs they launch finish.
+        time.sleep(min(30.0, args.settle))
+        while time.monotonic() < deadline:
+            runs = _runs_since(settings, since)
+            if runs and all(run.is_finished for run in runs):
+                break
+            time.sleep(5)
+    finally:
+        stop_process_group(daemon)
+    runs = _runs_since(settings, since)
+    by_job: Counter[str] = Counter(f"{run.job_name}:{run.status.value}" for run in runs)
+    checks = _check_outcomes(settings, [run.run_id for run in runs])
+    with psycopg.connect(settings.pg_dsn) as conn:
+        ingested = _count(conn, "SELECT sum(valid) FROM planpipe.ingest_batches WHERE committed_at >= %s", since)
+        replayed = _count(conn, "SELECT count(*) FROM planpipe.dlq_replays WHERE replayed_at >= %s", since)
+        parked = _count(conn, "SELECT count(*) FROM planpipe.dlq_parked WHERE parked_at >= %s", since)
+        regressions = _count(
+            conn, "SELECT count(*) FROM planpipe.plan_regressions WHERE last_detected >= %s", since
+        )
+    summary = {
+        "duration_s": args.duration,
+        "traffic": traffic.as_dict(),
+        "runs_launched": len(runs),
+        "runs_by_job_and_status": dict(sorted(by_job.items())),
+        "envelopes_ingested": ingested,
+        "dlq_replayed": replayed,
+        "dlq_parked": parked,
+        "checks_passed": checks["passed"],
+        "checks_failed": checks["failed"],
+        "regression_findings": regressions,
+    }
+    print(json.dumps(summary, indent=2, sort_keys=True))
+    return 0
+
+
+def run_traffic_in_background(settings: Settings, interval_s: float = 3.0) -> tuple[threading.Thread, threading.Event]:
+    """For `planpipe dev`: demo traffic beside the webserver until the returned event is set."""
+    from planpipe.demo.traffic import run_traffic
+
+    stop = threading.Event()
+    thread = threading.Thread(
+        target=run_traffic, args=(settings,), kwargs={"interval_s": interval_s, "stop": stop},
+        name="planpipe-demo-traffic", daemon=True,
+    )  # fmt: skip
+    thread.start()
+    return thread, stop

@@ -24,6 +24,16 @@ H_TRACE_ID: Final = "trace-id"
 H_CORRECTION_RULE: Final = "planpipe-correction-rule"
 
 Headers = list[tuple[str, bytes]]
+# What confluent-kafka hands back or accepts: a list of pairs or a dict, str or bytes values.
+HeaderValue = str | bytes | None
+AnyHeaders = list[tuple[str, HeaderValue]] | dict[str, HeaderValue] | None
+
+
+def as_header_list(headers: AnyHeaders) -> Headers:
+    if not headers:
+        return []
+    pairs = headers.items() if isinstance(headers, dict) else headers
+    return [(name, value.encode() if isinstance(value, str) else (value or b"")) for name, value in pairs]
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +48,7 @@ class DeadLetter:
     source_partition: int | None = None
     source_offset: int | None = None
     source_file: str | None = None
-    original_headers: Sequence[tuple[str, bytes]] = ()
+    original_headers: Sequence[tuple[str, bytes]] = ()  # normalized with as_header_list
 
     def headers(self) -> Headers:
         headers: Headers = [(name, value) for name, value in self.original_headers if not name.startswith("planpipe-")]
@@ -61,6 +71,7 @@ class DeadLetter:
         return headers
 
 
-def header_map(headers: Sequence[tuple[str, bytes | None]] | None) -> dict[str, str]:
+def header_map(headers: AnyHeaders | Sequence[tuple[str, bytes]]) -> dict[str, str]:
     """Last value wins; values decoded leniently (headers are diagnostics, not data)."""
-    return {name: (value or b"").decode(errors="replace") for name, value in headers or ()}
+    pairs = as_header_list(headers if isinstance(headers, dict) else list(headers or ()))
+    return {name: value.decode(errors="replace") for name, value in pairs}

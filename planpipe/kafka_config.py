@@ -1,6 +1,7 @@
 """librdkafka configurations with the runbook's defaults; user passthrough always wins."""
 
 import logging
+from typing import Any
 from typing import Final
 
 from planpipe.settings import Settings
@@ -36,19 +37,19 @@ def _base(settings: Settings) -> dict[str, str | int | bool | logging.Logger]:
     return {"bootstrap.servers": settings.kafka_bootstrap, "logger": CLIENT_LOGGER}
 
 
-def producer_config(settings: Settings, **extra: str | int | bool) -> dict[str, object]:
-    conf: dict[str, object] = {**_base(settings), **PRODUCER_DEFAULTS, **extra}
+def producer_config(settings: Settings, **extra: str | int | bool) -> dict[str, Any]:
+    conf: dict[str, Any] = {**_base(settings), **PRODUCER_DEFAULTS, **extra}
     conf.update(settings.producer_overrides)
     return conf
 
 
-def consumer_config(settings: Settings, group_id: str, **extra: str | int | bool) -> dict[str, object]:
-    conf: dict[str, object] = {**_base(settings), "group.id": group_id, **CONSUMER_DEFAULTS, **extra}
+def consumer_config(settings: Settings, group_id: str, **extra: str | int | bool) -> dict[str, Any]:
+    conf: dict[str, Any] = {**_base(settings), "group.id": group_id, **CONSUMER_DEFAULTS, **extra}
     conf.update(settings.consumer_overrides)
     return conf
 
 
-def admin_config(settings: Settings, **extra: str | int | bool) -> dict[str, object]:
-    conf: dict[str, object] = {**_base(settings), **extra}
+def admin_config(settings: Settings, **extra: str | int | bool) -> dict[str, Any]:
+    conf: dict[str, Any] = {**_base(settings), **extra}
     conf.update(settings.consumer_overrides)
     return conf

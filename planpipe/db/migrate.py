@@ -68,9 +68,7 @@ def migrate(dsn: str, directory: Path | None = None) -> list[int]:
                        version integer PRIMARY KEY, name text NOT NULL,
                        checksum text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"""
             )
-            done = {
-                row[0]: row[1] for row in conn.execute("SELECT version, checksum FROM planpipe.schema_migrations")
-            }
+            done = {row[0]: row[1] for row in conn.execute("SELECT version, checksum FROM planpipe.schema_migrations")}
             for migration in discover(directory):
                 if migration.version in done:
                     if done[migration.version] != migration.checksum:
@@ -80,7 +78,7 @@ def migrate(dsn: str, directory: Path | None = None) -> list[int]:
                         )
                     continue
                 with conn.transaction():
-                    conn.execute(migration.sql.encode())  # type: ignore[call-overload]
+                    conn.execute(migration.sql.encode())
                     conn.execute("SET search_path TO DEFAULT")
                     conn.execute(
                         "INSERT INTO planpipe.schema_migrations (version, name, checksum) VALUES (%s, %s, %s)",

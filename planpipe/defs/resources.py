@@ -12,7 +12,7 @@ import dagster as dg
 from planpipe.settings import Settings, load_settings
 
 
-class PlanpipeResource(dg.ConfigurableResource):  # type: ignore[misc]
+class PlanpipeResource(dg.ConfigurableResource):  # type: ignore[type-arg]
     """Settings for engine calls; each field defaults to the environment's value."""
 
     topic: str | None = None

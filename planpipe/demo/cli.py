@@ -123,9 +123,7 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
         ingested = _count(conn, "SELECT sum(valid) FROM planpipe.ingest_batches WHERE committed_at >= %s", since)
         replayed = _count(conn, "SELECT count(*) FROM planpipe.dlq_replays WHERE replayed_at >= %s", since)
         parked = _count(conn, "SELECT count(*) FROM planpipe.dlq_parked WHERE parked_at >= %s", since)
-        regressions = _count(
-            conn, "SELECT count(*) FROM planpipe.plan_regressions WHERE last_detected >= %s", since
-        )
+        regressions = _count(conn, "SELECT count(*) FROM planpipe.plan_regressions WHERE last_detected >= %s", since)
     summary = {
         "duration_s": args.duration,
         "traffic": traffic.as_dict(),

@@ -81,7 +81,7 @@ def prepare_demo_database(settings: Settings) -> str:
     dsn = demo_dsn(settings)
     with psycopg.connect(dsn, autocommit=True) as conn:
         for statement in SETUP:
-            conn.execute(statement)  # type: ignore[arg-type]
+            conn.execute(statement)
     return dsn
 
 

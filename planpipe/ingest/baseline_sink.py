@@ -314,9 +314,7 @@ def _pct(sorted_values: Sequence[float], q: float) -> float | None:
     return sorted_values[min(len(sorted_values) - 1, max(0, math.ceil(q * len(sorted_values)) - 1))]
 
 
-def stored_offsets(
-    conn: psycopg.Connection[tuple[object, ...]], consumer_group: str, topic: str
-) -> dict[int, int]:
+def stored_offsets(conn: psycopg.Connection[tuple[object, ...]], consumer_group: str, topic: str) -> dict[int, int]:
     rows = conn.execute(
         "SELECT partition, next_offset FROM planpipe.consumer_offsets WHERE consumer_group = %s AND topic = %s",
         (consumer_group, topic),

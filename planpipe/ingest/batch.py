@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from planpipe.contract import ContractViolation, EnvelopeDecoder, Reason
-from planpipe.dlq import H_TRACE_ID, DeadLetter
+from planpipe.dlq import H_TRACE_ID, AnyHeaders, DeadLetter, as_header_list
 from planpipe.plans.fingerprint import PlanParseError, fingerprint
 from planpipe.routing.router import RoutingConfig, parse_message_key, route_for
 
@@ -19,7 +19,7 @@ class KafkaRecord(Protocol):
 
     def value(self) -> bytes | None: ...
     def key(self) -> bytes | None: ...
-    def headers(self) -> list[tuple[str, bytes]] | None: ...
+    def headers(self) -> AnyHeaders: ...
     def topic(self) -> str | None: ...
     def partition(self) -> int | None: ...
     def offset(self) -> int | None: ...
@@ -153,7 +153,7 @@ def prepare_batch(
 
 
 def _trace_header(record: KafkaRecord) -> str | None:
-    for name, value in record.headers() or ():
+    for name, value in as_header_list(record.headers()):
         if name == H_TRACE_ID and value:
             return value.decode(errors="replace")
     return None
@@ -170,7 +170,7 @@ def _dead(record: KafkaRecord, raw: bytes | None, reason: Reason, field: str | N
         source_topic=record.topic(),
         source_partition=record.partition(),
         source_offset=record.offset(),
-        original_headers=record.headers() or (),
+        original_headers=as_header_list(record.headers()),
     )
 
 

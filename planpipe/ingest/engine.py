@@ -139,7 +139,8 @@ class IngestEngine:
         # after that (plus a rebalance) may "no assignment" mean "nothing for us".
         self._assignment_grace_s = float(str(conf["session.timeout.ms"])) / 1000 + 15
         self._consumer = Consumer(conf)
-        self._dlq = Producer(producer_config(settings, **{"client.id": f"{client_id}-dlq", "linger.ms": 5}))
+        dlq_options: dict[str, str | int | bool] = {"client.id": f"{client_id}-dlq", "linger.ms": 5}
+        self._dlq = Producer(producer_config(settings, **dlq_options))
 
     # -- partition assignment: PostgreSQL is the source of truth for positions ------------
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -302,7 +303,7 @@ class IngestEngine:
         tracker = _DeliveryTracker()
         for letter in batch.dead_letters:
             self._dlq.produce(
-                self.settings.dlq_topic, value=letter.value, key=letter.key, headers=letter.headers(),
+                self.settings.dlq_topic, value=letter.value, key=letter.key, headers=list(letter.headers()),
                 on_delivery=tracker,
             )  # fmt: skip
         remaining = self._dlq.flush(60)

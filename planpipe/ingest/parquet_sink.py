@@ -19,7 +19,7 @@ import polars as pl
 
 from planpipe.ingest.batch import Observations
 
-SCHEMA: Final = {
+SCHEMA: Final[dict[str, pl.DataType | type[pl.DataType]]] = {
     "query_hash": pl.String,
     "cluster_id": pl.String,
     "execution_timestamp": pl.Float64,
@@ -91,10 +91,10 @@ def write_batch(
     for (route, date, topic, partition), part in frame.group_by(
         ["route", "date", "kafka_topic", "kafka_partition"], maintain_order=True
     ):
-        first, last = ranges[(str(topic), int(partition))]  # type: ignore[call-overload]
+        first, last = ranges[(str(topic), int(partition))]
         directory = root / f"route={route}" / f"date={date}"
         directory.mkdir(parents=True, exist_ok=True)
-        target = directory / file_name(str(topic), int(partition), first, last)  # type: ignore[call-overload]
+        target = directory / file_name(str(topic), int(partition), first, last)
         staging = target.with_suffix(".parquet.tmp")
         part.drop(list(PARTITION_COLUMNS)).write_parquet(staging, compression="zstd", statistics=True)
         with staging.open("rb+") as handle:

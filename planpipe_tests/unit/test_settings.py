@@ -14,7 +14,12 @@ def test_defaults_point_at_the_local_stack() -> None:
 
 
 def test_external_services_are_used_as_given() -> None:
-    settings = load_settings({"PLANPIPE_KAFKA_BOOTSTRAP": "k1:9092,k2:9092", "PLANPIPE_PG_DSN": "postgresql://u:p@db:5432/plans?sslmode=require"})
+    settings = load_settings(
+        {
+            "PLANPIPE_KAFKA_BOOTSTRAP": "k1:9092,k2:9092",
+            "PLANPIPE_PG_DSN": "postgresql://u:p@db:5432/plans?sslmode=require",
+        }
+    )
     assert settings.kafka_external and settings.kafka_bootstrap == "k1:9092,k2:9092"
     assert settings.pg_external
     assert settings.dagster_pg_dsn == "postgresql+psycopg2://u:p@db:5432/dagster?sslmode=require"

@@ -13,7 +13,9 @@ from planpipe.settings import Settings
 
 def _result(outcome: sla.SlaResult, severity: dg.AssetCheckSeverity) -> dg.AssetCheckResult:
     metadata = {
-        "measured": dg.MetadataValue.float(outcome.value) if outcome.value is not None else dg.MetadataValue.text("no data"),
+        "measured": dg.MetadataValue.float(outcome.value)
+        if outcome.value is not None
+        else dg.MetadataValue.text("no data"),
         "threshold": dg.MetadataValue.float(outcome.threshold),
         "window_seconds": dg.MetadataValue.int(outcome.window_s),
         "detail": dg.MetadataValue.text(outcome.detail),
@@ -21,13 +23,17 @@ def _result(outcome: sla.SlaResult, severity: dg.AssetCheckSeverity) -> dg.Asset
     return dg.AssetCheckResult(passed=outcome.passed, severity=severity, metadata=metadata)
 
 
-def _measure(planpipe: PlanpipeResource, measure: Callable[[psycopg.Connection[tuple[object, ...]], Settings], sla.SlaResult]) -> sla.SlaResult:
+def _measure(
+    planpipe: PlanpipeResource, measure: Callable[[psycopg.Connection[tuple[object, ...]], Settings], sla.SlaResult]
+) -> sla.SlaResult:
     settings = planpipe.settings()
     with psycopg.connect(settings.pg_dsn, connect_timeout=10) as conn:
         return measure(conn, settings)
 
 
-@dg.asset_check(asset=query_plans_topic.key, description="Lag ≤ 15,000 messages per partition, not breached for > 3 min.")
+@dg.asset_check(
+    asset=query_plans_topic.key, description="Lag ≤ 15,000 messages per partition, not breached for > 3 min."
+)
 def consumer_lag_sla(planpipe: PlanpipeResource) -> dg.AssetCheckResult:
     outcome = _measure(planpipe, lambda c, s: sla.consumer_lag(c, s.consumer_group, s.topic))
     return _result(outcome, dg.AssetCheckSeverity.ERROR)

@@ -65,7 +65,9 @@ def kafka_lag_sensor(context: dg.SensorEvaluationContext, planpipe: PlanpipeReso
     in_flight = runs_in_flight(context.instance, ingest_job.name)
     to_launch = wanted_runs(total, in_flight, planpipe.max_ingest_runs)
     requests = [
-        dg.RunRequest(run_key=f"ingest-{launched + i + 1}", tags={INGEST_ROLE_TAG: "ingest", "planpipe/lag": str(total)})
+        dg.RunRequest(
+            run_key=f"ingest-{launched + i + 1}", tags={INGEST_ROLE_TAG: "ingest", "planpipe/lag": str(total)}
+        )
         for i in range(to_launch)
     ]
     return dg.SensorResult(run_requests=requests, asset_events=[observation], cursor=str(launched + len(requests)))

@@ -115,7 +115,9 @@ def test_end_to_end_counts_and_baselines(settings: Settings, real_plans: dict[st
         assert dict(statuses).get("accepted") == len({(e.cluster_id, e.query_hash) for e in envelopes})
 
 
-def _run_ingest(settings: Settings, *extra: str, fault: str | None = None, timeout: float = 180) -> "subprocess.CompletedProcess[str]":
+def _run_ingest(
+    settings: Settings, *extra: str, fault: str | None = None, timeout: float = 180
+) -> "subprocess.CompletedProcess[str]":
     env = settings_env(settings)
     # A killed member holds its partitions until its session expires: keep that short here.
     env.update(PLANPIPE_CONSUMER__SESSION_TIMEOUT_MS="8000", PLANPIPE_CONSUMER__HEARTBEAT_INTERVAL_MS="2000")

@@ -15,6 +15,12 @@ def add_parsers(sub: "argparse._SubParsersAction[Any]") -> None:
     p.add_argument("--max-messages", type=int, default=None, help="micro-batch size (default 500)")
     p.add_argument("--max-wait", type=float, default=None, help="micro-batch wait in seconds (default 1)")
     p.add_argument("--quiet", action="store_true", help="no progress line")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve Prometheus metrics on 127.0.0.1:PORT (PLANPIPE_METRICS_PORT is the usual choice)",
+    )
     p.set_defaults(handler=_ingest)
 
     p = sub.add_parser("retention", help="delete Parquet partitions and rows past their route's retention")
@@ -40,6 +46,10 @@ def _ingest(args: argparse.Namespace, settings: Settings) -> int:
                 flush=True,
             )
 
+    if args.metrics_port is not None:
+        from planpipe.routing.metrics import start_metrics_server
+
+        start_metrics_server(args.metrics_port)
     engine = IngestEngine(settings, max_messages=args.max_messages, max_wait_s=args.max_wait, on_batch=progress)
     try:
         summary = engine.run(until_caught_up=args.until_caught_up, max_seconds=args.max_seconds)

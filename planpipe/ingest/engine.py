@@ -32,7 +32,7 @@ import psycopg
 from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from planpipe.contract import EnvelopeDecoder
-from planpipe.ingest import baseline_sink, parquet_sink
+from planpipe.ingest import baseline_sink, metrics, parquet_sink
 from planpipe.ingest.batch import PreparedBatch, prepare_batch
 from planpipe.ingest.breaker import LatencyBreaker, LockWaitThrottle
 from planpipe.kafka_config import consumer_config, producer_config
@@ -275,6 +275,13 @@ class IngestEngine:
 
         self.breaker.record(result.p95_latency_ms or 0.0)
         self.throttle.record(result.lock_wait_ms)
+        metrics.RECORDS_CONSUMED.inc(batch.consumed)
+        metrics.DLQ_TOTAL.inc(len(batch.dead_letters))
+        metrics.DROPPED_LOW.inc(batch.dropped_low)
+        metrics.LOCK_WAIT_MS.set(result.lock_wait_ms)
+        metrics.BREAKER_OPEN.set(1 if self.breaker.is_open else 0)
+        for published in batch.observations.published_at:
+            metrics.PUBLISH_TO_COMMIT_MS.observe(max(0.0, (result.committed_at - published) * 1000))
         summary.batches += 1
         summary.consumed += batch.consumed
         summary.valid += len(batch.observations)

@@ -1,0 +1,24 @@
+"""Prometheus metrics of the consumer side, named as the runbook's alert rules expect."""
+
+from typing import Final
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from planpipe.routing.metrics import REGISTRY
+
+_MS_BUCKETS: Final = (5, 10, 25, 50, 100, 200, 300, 500, 800, 1200, 2000, 5000, 10000, 30000)
+
+RECORDS_CONSUMED = Counter(
+    "kafka_consumer_records_consumed_total", "Records consumed by the ingest engine", registry=REGISTRY
+)
+DLQ_TOTAL = Counter("kafka_consumer_dlq_total", "Records the ingest engine sent to the DLQ", registry=REGISTRY)
+DROPPED_LOW = Counter(
+    "planpipe_ingest_dropped_low_priority_total", "low-priority records shed by the breaker", registry=REGISTRY
+)
+PUBLISH_TO_COMMIT_MS = Histogram(
+    "planpipe_ingest_publish_to_commit_ms", "Publish → baseline commit latency per record (ms)",
+    buckets=_MS_BUCKETS, registry=REGISTRY,
+)  # fmt: skip
+LOCK_WAIT_MS = Gauge("planpipe_ingest_lock_wait_ms", "Lock wait of the last batch (ms)", registry=REGISTRY)
+BREAKER_OPEN = Gauge("planpipe_ingest_breaker_open", "1 while the latency circuit breaker is open", registry=REGISTRY)
+GROUP_LAG = Gauge("kafka_consumer_group_lag", "Lag per partition", ["group", "topic", "partition"], registry=REGISTRY)

@@ -16,7 +16,7 @@ from planpipe.plans.normalize import (
     plan_summary,
     summarize,
 )
-from planpipe_tests.unit.plans._fixtures import all_names, plan_doc, plan_text
+from planpipe_tests.unit.plans._fixtures import FIXTURES, all_names, plan_doc, plan_text
 
 pytestmark = pytest.mark.unit
 
@@ -51,6 +51,11 @@ pytestmark = pytest.mark.unit
         ("((bbalance)::numeric >= (InitPlan 1).col1)", "((bbalance)::numeric >= (InitPlan 1).col1)"),
         ("(NOT (ANY (tid = (hashed SubPlan 1).col1)))", "(NOT (ANY (tid = (hashed SubPlan 1).col1)))"),
         ("((price)::numeric(10,2) > 3.50)", "((price)::numeric(10,2) > ?)"),
+        ("((price)::numeric(10,2) = '3'::numeric(10,2))", "((price)::numeric(10,2) = ?::numeric(10,2))"),
+        ("((price)::numeric(10,2) = 3.50::numeric(10,2))", "((price)::numeric(10,2) = ?::numeric(10,2))"),
+        ('("t1"."c2" = 3)', '("t1"."c2" = ?)'),
+        ("(col1 = t2.col2)", "(col1 = t2.col2)"),
+        ("(x = 'SubPlan 1'::text)", "(x = ?::text)"),
         (
             "((name)::character varying(20) = 'a'::character varying(20))",
             "((name)::character varying(20) = ?::character varying(20))",
@@ -107,9 +112,11 @@ def test_structural_fields_of_other_node_kinds() -> None:
     assert normalize_plan(plan_text("parallel_2")).plans[0].plans[0].parallel_aware
 
 
-def test_every_fixture_decodes() -> None:
+def test_every_fixture_decodes_and_is_in_the_manifest() -> None:
     names = all_names()
     assert len(names) >= 30
+    manifest = [json.loads(line) for line in (FIXTURES / "manifest.jsonl").read_text().splitlines()]
+    assert sorted(entry["name"] for entry in manifest) == names
     for name in names:
         assert normalize_plan(plan_text(name)).node_type
 

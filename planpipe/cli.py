@@ -31,6 +31,7 @@ _STAGE_COMMANDS: tuple[str, ...] = (
     "planpipe.capture.cli",
     "planpipe.routing.cli",
     "planpipe.ingest.cli",
+    "planpipe.replay.cli",
     "planpipe.demo.cli",
 )
 

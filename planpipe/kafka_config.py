@@ -16,8 +16,6 @@ PRODUCER_DEFAULTS: Final[dict[str, str | int | bool]] = {
     "batch.size": 1_048_576,
     "linger.ms": 15,
     "max.in.flight.requests.per.connection": 5,
-    # Fail deliveries in bounded time so the spool takes over during an outage.
-    "message.timeout.ms": 30_000,
 }
 
 # Runbook, "Kafka Consumer Rebalancing Storms" and "Deterministic Consumer".

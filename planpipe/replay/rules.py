@@ -215,10 +215,11 @@ def timestamp_milliseconds(fields: JsonObject, headers: Mapping[str, str]) -> Js
     changed = False
     for name in EPOCH_FIELDS:
         value = fields.get(name)
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            if EPOCH_SECONDS_MAX < value <= EPOCH_SECONDS_MAX * 1000:
-                out[name] = value / 1000
-                changed = True
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        if EPOCH_SECONDS_MAX < value <= EPOCH_SECONDS_MAX * 1000:
+            out[name] = value / 1000
+            changed = True
     return out if changed else None
 
 
@@ -294,7 +295,7 @@ Correction = Corrected | Uncorrectable
 def correct(
     raw: bytes,
     headers: Mapping[str, str],
-    reason: Reason,
+    reason: Reason | None,
     *,
     decoder: EnvelopeDecoder,
     rules: Sequence[Rule] = RULES,
@@ -302,14 +303,18 @@ def correct(
 ) -> Correction:
     """Apply every applicable rule once, in order; accept only what the decoder accepts.
 
+    `reason` is the DLQ reason (None: not a contract rejection, so no rule is gated in
+    until the decoder itself names a problem).
+
     `check_plan` (default: the ingest engine's fingerprint) must accept the plan
     text too, or the republished envelope would come straight back to the DLQ.
     """
     fields = parse_object(raw)
     if fields is None:
-        return Uncorrectable(f"{reason.value}: the payload is not a JSON object", ())
+        why = "the payload is not a JSON object"
+        return Uncorrectable(f"{reason.value}: {why}" if reason is not None else why, ())
     applied: list[str] = []
-    seen = {reason}
+    seen = {reason} if reason is not None else set()
     candidate = raw
     while True:
         progressed = False

@@ -28,7 +28,10 @@ Invariants that keep per-key order and avoid duplicates:
 Residual risk (documented, not hidden): a record that times out while its
 request was in flight may already be in the log (librdkafka's
 POSSIBLY_PERSISTED, which the Python client does not expose). Resending it from
-the spool then duplicates it; keep `message.timeout.ms` above expected outages.
+the spool then duplicates it. Outages shorter than `message.timeout.ms` (300 s
+here) never get there: librdkafka's idempotent retry delivers those exactly once.
+A kill -9 loses what was sent direct and not yet acked (librdkafka memory, a
+few ms of traffic while healthy); during an outage everything is in the spool.
 """
 
 import enum
@@ -59,9 +62,18 @@ DEFAULT_COOLDOWN_S: Final = 30.0
 DEFAULT_FAILURE_THRESHOLD: Final = 3
 DEFAULT_DRAIN_BATCH: Final = 1000
 
-# librdkafka's default (10 s) can leave a healthy broker unused for 10 s after
-# an outage; 1 s bounds recovery time. Passthrough settings still win.
-_PRODUCER_EXTRA: Final[dict[str, str | int | bool]] = {"reconnect.backoff.max.ms": 1000}
+# Passthrough settings (PLANPIPE_PRODUCER__*) still win over these.
+_PRODUCER_EXTRA: Final[dict[str, str | int | bool]] = {
+    # librdkafka's default (10 s) can leave a healthy broker unused for 10 s after
+    # an outage; 1 s bounds recovery time.
+    "reconnect.backoff.max.ms": 1000,
+    # The breaker, not message timeouts, moves records to the spool here, and the
+    # records librdkafka holds already have spool rows (write-through). Letting it
+    # keep retrying them is what makes an outage exactly-once: a record that times
+    # out mid-request may be in the log already and would be resent as a duplicate.
+    # 300 s (librdkafka's own default) instead of producer_config's 30 s.
+    "message.timeout.ms": 300_000,
+}
 
 # error_cb codes that mean "cannot reach the cluster"; each counts as a failure.
 _UNREACHABLE: Final = frozenset(
@@ -586,10 +598,16 @@ class PlanProducer:
 
     def _poll_loop(self) -> None:
         while not self._stop_poll.is_set():
-            self._producer.poll(0.05)
-            self._settle()
-            self._maybe_probe()
-            self._maybe_replace_producer()
+            try:
+                self._producer.poll(0.05)
+                self._settle()
+                self._maybe_probe()
+                self._maybe_replace_producer()
+            except Exception:
+                # This thread is the only one serving acks: it must outlive a bad
+                # round (e.g. a full disk under the spool); failed work is retried.
+                logger.exception("producer poll loop error")
+                time.sleep(0.5)
         self._settle()
 
     def _settle(self) -> None:
@@ -614,15 +632,22 @@ class PlanProducer:
                 self._close_breaker_if_drained()
             self._changed.notify_all()
         if work.delivered and self._on_delivered is not None:
-            self._on_delivered(work.delivered)
+            try:
+                self._on_delivered(work.delivered)
+            except Exception:
+                logger.exception("on_delivered hook failed")
         self._fire(work.durable, work.undeliverable)
 
     def _fire(self, durable: list[_Ticket], undeliverable: list[tuple[OutRecord, str]]) -> None:
+        # Hooks run on producer threads; one that raises must not stop acks.
         now = time.perf_counter()
-        for ticket in durable:
-            ticket.on_durable((now - ticket.started) * 1000)
-        for record, error in undeliverable:
-            self._on_undeliverable(record, error)
+        try:
+            for ticket in durable:
+                ticket.on_durable((now - ticket.started) * 1000)
+            for record, error in undeliverable:
+                self._on_undeliverable(record, error)
+        except Exception:
+            logger.exception("producer hook failed")
 
     def _probe(self) -> bool:
         """Metadata round trip; a timeout counts as a breaker failure."""

@@ -10,6 +10,7 @@ import pytest
 
 from planpipe.dlq import H_FIELD, H_REASON, H_SOURCE_FILE, H_STAGE, H_TRACE_ID
 from planpipe.routing.cli import add_parsers
+from planpipe.routing.metrics import REGISTRY
 from planpipe.routing.publish import H_ROUTE, H_SOURCE_LINE, format_report, publish_file
 from planpipe.routing.router import is_sampled
 from planpipe.routing.spool import OutRecord, Spool
@@ -62,6 +63,7 @@ def test_publish_file_routes_valid_lines_and_dead_letters_bad_ones(settings: Set
     lines += [BAD[3][0], GOOD[4][0], BAD[4][0], GOOD[5][0], BAD[5][0]]
     source = tmp_path / "envelopes.jsonl"
     write_jsonl(source, lines)
+    flushes_before = REGISTRY.get_sample_value("explain_router_batch_flush_duration_ms_count") or 0.0
 
     report = publish_file(settings, source, flush_timeout_s=30)
     print("\n" + format_report(report, settings, str(source)))
@@ -77,6 +79,9 @@ def test_publish_file_routes_valid_lines_and_dead_letters_bad_ones(settings: Set
         "not_an_object": 1,
     }
     assert report.still_spooled == 0 and report.producer.spooled == 0
+    # Each send batch was timed until acknowledged; the queue is empty again.
+    assert (REGISTRY.get_sample_value("explain_router_batch_flush_duration_ms_count") or 0.0) > flushes_before
+    assert REGISTRY.get_sample_value("explain_router_queue_depth") == 0
 
     published = read_all(settings, settings.topic)
     by_value = {r.value: r for r in published}

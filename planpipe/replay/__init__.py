@@ -1,0 +1,6 @@
+"""DLQ replay and schema correction: `run_replay` republishes corrected envelopes, parks the rest."""
+
+from planpipe.replay.engine import ReplaySummary, parked_messages, run_replay
+from planpipe.replay.rules import RULES, Corrected, Rule, Uncorrectable, correct
+
+__all__ = ["RULES", "Corrected", "ReplaySummary", "Rule", "Uncorrectable", "correct", "parked_messages", "run_replay"]

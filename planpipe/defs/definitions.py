@@ -6,6 +6,8 @@ from planpipe.defs.ingest.assets import dlq_topic, ingest_micro_batches, query_p
 from planpipe.defs.ingest.checks import sla_checks
 from planpipe.defs.ingest.jobs import ingest_job
 from planpipe.defs.ingest.sensors import kafka_lag_sensor, planpipe_run_failure_sensor
+from planpipe.defs.replay.assets import dlq_replay, replay_job
+from planpipe.defs.replay.sensors import dlq_sensor
 from planpipe.defs.resources import planpipe_resource
 
 sla_check_job = dg.define_asset_job(
@@ -26,7 +28,10 @@ ingest_defs = dg.Definitions(
     ],
 )
 
+replay_defs = dg.Definitions(assets=[dlq_replay], jobs=[replay_job], sensors=[dlq_sensor])
+
 defs = dg.Definitions.merge(
     ingest_defs,
+    replay_defs,
     dg.Definitions(resources={"planpipe": planpipe_resource()}),
 )

@@ -5,6 +5,12 @@ import dagster as dg
 from planpipe.defs.ingest.assets import dlq_topic, ingest_micro_batches, query_plans_topic
 from planpipe.defs.ingest.checks import sla_checks
 from planpipe.defs.ingest.jobs import ingest_job
+from planpipe.defs.ingest.maintenance import (
+    lag_reconciliation,
+    maintenance_schedules,
+    reconciliation_job,
+    retention_job,
+)
 from planpipe.defs.ingest.sensors import kafka_lag_sensor, planpipe_run_failure_sensor
 from planpipe.defs.replay.assets import dlq_replay, replay_job
 from planpipe.defs.replay.sensors import dlq_sensor
@@ -18,13 +24,14 @@ sla_check_job = dg.define_asset_job(
 
 ingest_defs = dg.Definitions(
     assets=[query_plans_topic, dlq_topic, ingest_micro_batches],
-    asset_checks=sla_checks,
-    jobs=[ingest_job, sla_check_job],
+    asset_checks=[*sla_checks, lag_reconciliation],
+    jobs=[ingest_job, sla_check_job, retention_job, reconciliation_job],
     sensors=[kafka_lag_sensor, planpipe_run_failure_sensor],
     schedules=[
         dg.ScheduleDefinition(
             job=sla_check_job, cron_schedule="*/5 * * * *", default_status=dg.DefaultScheduleStatus.RUNNING
-        )
+        ),
+        *maintenance_schedules,
     ],
 )
 

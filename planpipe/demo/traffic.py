@@ -19,6 +19,7 @@ import psycopg
 
 from planpipe.capture.explain import capture_workload
 from planpipe.contract import encode_envelope
+from planpipe.ingest.reconcile import record_capture_count
 from planpipe.routing.publish import PlanPublisher, Source
 from planpipe.routing.router import Rejection
 from planpipe.settings import Settings, _with_database
@@ -116,10 +117,13 @@ def run_traffic(
             summary.cycles += 1
             report = capture_workload(dsn, workload(rng), repeat=3, cluster_id=DEMO_CLUSTER)
             summary.captured += len(report.envelopes)
+            accepted = 0
             for envelope in report.envelopes:
                 outcome = publisher.submit_raw(encode_envelope(envelope), source=Source(file="demo-capture"))
-                summary.published += not isinstance(outcome, Rejection)
+                accepted += not isinstance(outcome, Rejection)
                 summary.rejected += isinstance(outcome, Rejection)
+            summary.published += accepted
+            record_capture_count(settings.pg_dsn, "demo-traffic", settings.topic, accepted)
             if malformed_every and summary.cycles % malformed_every == 0 and report.envelopes:
                 publisher.submit_raw(_legacy_envelope(encode_envelope(report.envelopes[0])),
                                      source=Source(file="demo-legacy-agent"))  # fmt: skip

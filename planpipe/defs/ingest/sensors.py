@@ -47,10 +47,19 @@ def kafka_lag_sensor(context: dg.SensorEvaluationContext, planpipe: PlanpipeReso
         return dg.SensorResult(skip_reason=f"Kafka not answering: {error}")
     total = sum(p.lag for p in lags)
     with psycopg.connect(settings.pg_dsn, autocommit=True, connect_timeout=5) as conn:
-        conn.cursor().executemany(
+        # One statement: every partition of a tick shares one sampled_at (reconciliation relies on it).
+        conn.execute(
             """INSERT INTO planpipe.lag_samples (consumer_group, topic, partition, high_watermark, committed, lag)
-               VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING""",
-            [(settings.consumer_group, settings.topic, p.partition, p.high, p.committed or p.low, p.lag) for p in lags],
+               SELECT %s, %s, * FROM unnest(%s::int[], %s::bigint[], %s::bigint[], %s::bigint[])
+               ON CONFLICT DO NOTHING""",
+            (
+                settings.consumer_group,
+                settings.topic,
+                [p.partition for p in lags],
+                [p.high for p in lags],
+                [p.committed if p.committed is not None else p.low for p in lags],
+                [p.lag for p in lags],
+            ),
         )
     observation = dg.AssetObservation(
         asset_key=query_plans_topic.key,

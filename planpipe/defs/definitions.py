@@ -12,6 +12,13 @@ from planpipe.defs.ingest.maintenance import (
     retention_job,
 )
 from planpipe.defs.ingest.sensors import kafka_lag_sensor, planpipe_run_failure_sensor
+from planpipe.defs.quality.checks import (
+    drift_correction_sensor,
+    observations_suite,
+    schema_drift,
+    schema_drift_job,
+    schema_drift_schedule,
+)
 from planpipe.defs.replay.assets import dlq_replay, replay_job
 from planpipe.defs.replay.sensors import dlq_sensor
 from planpipe.defs.resources import planpipe_resource
@@ -37,8 +44,16 @@ ingest_defs = dg.Definitions(
 
 replay_defs = dg.Definitions(assets=[dlq_replay], jobs=[replay_job], sensors=[dlq_sensor])
 
+quality_defs = dg.Definitions(
+    asset_checks=[observations_suite, schema_drift],
+    jobs=[schema_drift_job],
+    schedules=[schema_drift_schedule],
+    sensors=[drift_correction_sensor],
+)
+
 defs = dg.Definitions.merge(
     ingest_defs,
     replay_defs,
+    quality_defs,
     dg.Definitions(resources={"planpipe": planpipe_resource()}),
 )

@@ -7,6 +7,7 @@ from planpipe.defs.definitions import defs
 from planpipe.defs.ingest.assets import BASELINES, OBSERVATIONS, ingest_micro_batches, query_plans_topic
 from planpipe.defs.ingest.checks import sla_checks
 from planpipe.defs.ingest.sensors import kafka_lag_sensor, wanted_runs
+from planpipe.defs.quality.checks import drift_failed, observations_suite, schema_drift, schema_drift_job
 from planpipe.defs.resources import PlanpipeResource
 from planpipe.settings import Settings
 from planpipe_tests.integration.workload import MALFORMED, capture_plans, create_workload, make_envelopes, publish
@@ -64,7 +65,7 @@ def test_ingest_asset_materializes_per_batch_and_checks_run(
     envelopes = make_envelopes(plans, 1200, "asset")
     publish(settings, envelopes, MALFORMED[:1])
     result = dg.materialize(
-        [ingest_micro_batches, *sla_checks],
+        [ingest_micro_batches, *sla_checks, observations_suite],
         instance=dagster_instance,
         resources={"planpipe": planpipe_resource},
         selection=dg.AssetSelection.assets(ingest_micro_batches),
@@ -80,6 +81,10 @@ def test_ingest_asset_materializes_per_batch_and_checks_run(
     # one malformed record in 1201 is 0.083 % — under the 0.15 % SLA
     assert evaluations["dlq_rate_sla"].passed
     assert evaluations["dlq_rate_sla"].metadata["threshold"].value == 0.0015
+    suite = evaluations["observations_suite"]
+    assert suite.passed
+    assert suite.metadata["batches_validated"].value == len(per_batch)
+    assert suite.metadata["rows_validated"].value == len(envelopes)
 
 
 def test_lag_reconciliation_balances_after_ingest(
@@ -110,3 +115,19 @@ def test_lag_reconciliation_balances_after_ingest(
     outcome = reconcile(settings.pg_dsn, settings.consumer_group, settings.topic)
     assert (outcome.produced, outcome.consumed, outcome.lag_delta) == (100, 300, -200)
     assert outcome.consumer_divergence == 0 and outcome.ok
+
+
+def test_schema_drift_job_passes_on_the_real_schema(
+    settings: Settings, dagster_instance: dg.DagsterInstance, planpipe_resource: PlanpipeResource
+) -> None:
+    result = dg.materialize(
+        [ingest_micro_batches, schema_drift],
+        instance=dagster_instance,
+        resources={"planpipe": planpipe_resource},
+        selection=dg.AssetSelection.checks(schema_drift),
+    )
+    assert result.success
+    (evaluation,) = result.get_asset_check_evaluations()
+    assert evaluation.check_name == "schema_drift" and evaluation.passed
+    assert not drift_failed(dagster_instance, result.run_id)
+    assert schema_drift_job.name == "schema_drift_job"

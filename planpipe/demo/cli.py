@@ -82,7 +82,9 @@ def _check_outcomes(settings: Settings, run_ids: list[str]) -> Counter[str]:
         for run_id in run_ids:
             for entry in instance.all_logs(run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION):
                 data = entry.dagster_event.event_specific_data  # type: ignore[union-attr]
-                outcomes["passed" if data.passed else "failed"] += 1  # type: ignore[union-attr]
+                verdict = "passed" if data.passed else "failed"  # type: ignore[union-attr]
+                outcomes[verdict] += 1
+                outcomes[f"{data.check_name}:{verdict}"] += 1  # type: ignore[union-attr]
     finally:
         instance.dispose()
     return outcomes
@@ -134,6 +136,7 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
         "dlq_parked": parked,
         "checks_passed": checks["passed"],
         "checks_failed": checks["failed"],
+        "checks_by_name": {k: v for k, v in sorted(checks.items()) if ":" in k},
         "regression_findings": regressions,
     }
     print(json.dumps(summary, indent=2, sort_keys=True))

@@ -29,6 +29,7 @@ unit: setup
 	$(BIN)/pytest -m unit -q
 
 test: lint
+	./scripts/install-chromium.sh
 	$(BIN)/pytest -q --durations=15
 
 bench: setup

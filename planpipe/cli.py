@@ -32,6 +32,8 @@ _STAGE_COMMANDS: tuple[str, ...] = (
     "planpipe.routing.cli",
     "planpipe.ingest.cli",
     "planpipe.replay.cli",
+    "planpipe.plans.cli",
+    "planpipe.bench.cli",
     "planpipe.demo.cli",
 )
 

@@ -17,11 +17,13 @@ read-only transaction, the identifier from an extra `EXPLAIN (VERBOSE)`.
 import itertools
 import math
 import random
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Final
 
 import msgspec
+import msgspec.structs
 import psycopg
 from psycopg.types.string import TextBinaryLoader, TextLoader
 
@@ -63,16 +65,18 @@ INSERT INTO {SCHEMA}.customers SELECT g, 1 + (g * 7) % 25, 'Customer#' || g,
     ((g * 7919) % 10000) / 1.7 - 999 FROM generate_series(1, 3000) g;
 INSERT INTO {SCHEMA}.suppliers SELECT g, 1 + (g * 3) % 25, 'Supplier#' || g, ((g * 104729) % 10000) / 1.3
     FROM generate_series(1, 200) g;
-INSERT INTO {SCHEMA}.parts SELECT g, 'Brand#' || (1 + g % 25), (ARRAY['STEEL','BRASS','COPPER','TIN','NICKEL'])[1 + g % 5],
-    1 + g % 50, 900 + (g % 1000) / 10.0 FROM generate_series(1, 2000) g;
+INSERT INTO {SCHEMA}.parts SELECT g, 'Brand#' || (1 + g % 25),
+    (ARRAY['STEEL','BRASS','COPPER','TIN','NICKEL'])[1 + g % 5], 1 + g % 50, 900 + (g % 1000) / 10.0
+    FROM generate_series(1, 2000) g;
 INSERT INTO {SCHEMA}.partsupp SELECT p, 1 + (p * 13 + k * 50) % 200, (p * k) % 9999, 1 + (p * k % 1000) / 10.0
     FROM generate_series(1, 2000) p, generate_series(1, 4) k;
 INSERT INTO {SCHEMA}.orders SELECT g, 1 + (g * 37) % 3000, (ARRAY['F','O','P'])[1 + g % 3],
     ((g * 7919) % 50000) / 3.0, date '2023-01-01' + (g * 13) % 730,
     (ARRAY['1-URGENT','2-HIGH','3-MEDIUM','4-NOT SPECIFIED','5-LOW'])[1 + g % 5]
     FROM generate_series(1, 15000) g;
-INSERT INTO {SCHEMA}.lineitem SELECT o, l, 1 + (o * 31 + l * 7) % 2000, 1 + (((o * 31 + l * 7) % 2000) * 13 + l * 50) % 200,
-    1 + (o + l) % 50, 100 + (o * l) % 9000, ((o + l) % 10) / 100.0, date '2023-01-01' + (o * 13 + l * 3) % 760
+INSERT INTO {SCHEMA}.lineitem SELECT o, l, 1 + (o * 31 + l * 7) % 2000,
+    1 + (((o * 31 + l * 7) % 2000) * 13 + l * 50) % 200, 1 + (o + l) % 50, 100 + (o * l) % 9000,
+    ((o + l) % 10) / 100.0, date '2023-01-01' + (o * 13 + l * 3) % 760
     FROM generate_series(1, 15000) o, generate_series(1, 3) l;
 CREATE INDEX ON {SCHEMA}.customers (nid);
 CREATE INDEX ON {SCHEMA}.suppliers (nid);
@@ -100,7 +104,7 @@ def ensure_schema(dsn: str) -> bool:
             conn.execute(f"DROP SCHEMA IF EXISTS {SCHEMA} CASCADE")
             for statement in _DDL.split(";\n"):
                 if statement.strip():
-                    conn.execute(statement)  # type: ignore[arg-type]
+                    conn.execute(statement)
         return True
 
 
@@ -167,7 +171,8 @@ TEMPLATES: Final[tuple[Template, ...]] = (
     ),
     Template(
         "range",
-        f"SELECT {{proj}} FROM {S}.orders o WHERE o.odate BETWEEN date '{{d1}}' AND date '{{d1}}' + {{span}}{{extra}}{{tail}}",
+        f"SELECT {{proj}} FROM {S}.orders o "
+        f"WHERE o.odate BETWEEN date '{{d1}}' AND date '{{d1}}' + {{span}}{{extra}}{{tail}}",
         ("count(*)", "sum(o.total), avg(o.total)", "o.status, count(*)"),
         (" AND o.status = '{status}'", " AND o.total > {bal}"),
         ("", " GROUP BY 1 ORDER BY 1"),
@@ -340,7 +345,7 @@ def _connect(dsn: str) -> psycopg.Connection[tuple[Any, ...]]:
 
 
 def _explain(conn: psycopg.Connection[Any], options: str, sql: str) -> str:
-    row = conn.execute(f"EXPLAIN ({options}) {sql}", prepare=False, binary=True).fetchone()  # type: ignore[call-overload]
+    row = conn.execute(f"EXPLAIN ({options}) {sql}", prepare=False, binary=True).fetchone()
     assert row is not None and isinstance(row[0], str)
     return row[0]
 
@@ -411,12 +416,19 @@ class EnvelopeFactory:
     """
 
     def __init__(
-        self, plans: list[CapturedPlan], target_bytes: float, clusters: list[str], seed: int = 5
+        self,
+        plans: list[CapturedPlan],
+        target_bytes: float,
+        clusters: list[str],
+        seed: int = 5,
+        *,
+        jitter_plan_times: bool = True,
     ) -> None:
         if not plans:
             raise ValueError("no captured plans")
         self.plans = plans
         self.clusters = clusters
+        self.jitter_plan_times = jitter_plan_times
         self._rng = random.Random(seed)
         self.sizes = [len(self._encode(p, clusters[0], 1.0, 0, "0" * 16, 1.0)) for p in plans]
         self.lam = _tilt(self.sizes, target_bytes)
@@ -448,7 +460,20 @@ class EnvelopeFactory:
             f"{trace_prefix}-{i:09d}",
             published_at,
         )
+        if self.jitter_plan_times:
+            # Every execution reports its own timings: no two plan texts are byte-identical
+            # (as in a real fleet), which keeps Kafka's zstd ratio and any caching honest.
+            envelope = msgspec.structs.replace(
+                envelope, plan_text=_TIMES.sub(lambda m: _scaled(m, jitter), plan.plan_text)
+            )
         return f"standard:{plan.query_hash}".encode(), encode_envelope(envelope)
+
+
+_TIMES: Final = re.compile(r'("(?:Actual Startup Time|Actual Total Time|Planning Time|Execution Time)": ?)([0-9.]+)')
+
+
+def _scaled(match: re.Match[str], factor: float) -> str:
+    return f"{match.group(1)}{float(match.group(2)) * factor:.3f}"
 
 
 def _envelope(

@@ -12,6 +12,7 @@ from planpipe.defs.ingest.maintenance import (
     retention_job,
 )
 from planpipe.defs.ingest.sensors import kafka_lag_sensor, planpipe_run_failure_sensor
+from planpipe.defs.plans.assets import plan_regressions, plan_status_job, regressions_automation
 from planpipe.defs.quality.checks import (
     drift_correction_sensor,
     observations_suite,
@@ -51,8 +52,15 @@ quality_defs = dg.Definitions(
     sensors=[drift_correction_sensor],
 )
 
+plans_defs = dg.Definitions(
+    assets=[plan_regressions],
+    jobs=[plan_status_job],
+    sensors=[regressions_automation],
+)
+
 defs = dg.Definitions.merge(
     ingest_defs,
+    plans_defs,
     replay_defs,
     quality_defs,
     dg.Definitions(resources={"planpipe": planpipe_resource()}),

@@ -20,6 +20,7 @@ from typing import Final
 from planpipe.contract import EnvelopeDecoder
 from planpipe.dlq import H_REASON, H_TRACE_ID, DeadLetter, header_map
 from planpipe.routing import metrics
+from planpipe.routing.candidates import RegressionCandidates
 from planpipe.routing.producer import DEFAULT_COOLDOWN_S, PlanProducer, ProducerStats
 from planpipe.routing.router import (
     BoundedEventQueue,
@@ -132,6 +133,7 @@ class PlanPublisher:
         self._router = router or Router(
             RoutingConfig(sample_rate_pct=settings.sample_rate_pct),
             decoder=EnvelopeDecoder(max_plan_bytes=settings.max_plan_bytes),
+            regression_candidates=RegressionCandidates(settings.pg_dsn),
         )
         self._queue: BoundedEventQueue[_Outgoing] = BoundedEventQueue(self._router.config.queue_capacity)
         self._counts = _Counts()

@@ -131,3 +131,45 @@ def test_schema_drift_job_passes_on_the_real_schema(
     assert evaluation.check_name == "schema_drift" and evaluation.passed
     assert not drift_failed(dagster_instance, result.run_id)
     assert schema_drift_job.name == "schema_drift_job"
+
+
+def test_plan_regressions_asset_and_status_job(
+    settings: Settings, dagster_instance: dg.DagsterInstance, planpipe_resource: PlanpipeResource
+) -> None:
+    from planpipe.db.migrate import migrate
+    from planpipe.defs.plans.assets import plan_regressions, plan_status_job
+    from planpipe.ingest.engine import IngestEngine
+
+    migrate(settings.pg_dsn)
+    create_workload(settings.pg_dsn)
+    envelopes = make_envelopes(capture_plans(settings.pg_dsn), 60, "regdefs")
+    publish(settings, envelopes)
+    engine = IngestEngine(settings)
+    try:
+        engine.run(until_caught_up=True, max_seconds=60)
+    finally:
+        engine.close()
+    result = dg.materialize([plan_regressions], instance=dagster_instance, resources={"planpipe": planpipe_resource})
+    assert result.success
+    (event,) = result.get_asset_materialization_events()
+    assert "report" in event.materialization.metadata
+    assert "comparisons" in event.materialization.metadata
+
+    envelope = envelopes[0]
+    from planpipe.plans.fingerprint import fingerprint
+
+    run = plan_status_job.execute_in_process(
+        instance=dagster_instance,
+        resources={"planpipe": planpipe_resource},
+        run_config={"ops": {"set_plan_status_op": {"config": {
+            "cluster_id": envelope.cluster_id, "query_hash": envelope.query_hash,
+            "fingerprint": fingerprint(envelope.plan_text), "status": "rejected", "by": "alice",
+            "reason": "test"}}}},
+    )  # fmt: skip
+    assert run.success
+    with psycopg.connect(settings.pg_dsn) as conn:
+        row = conn.execute(
+            "SELECT status, status_by FROM planpipe.plan_baselines WHERE cluster_id = %s AND query_hash = %s",
+            (envelope.cluster_id, envelope.query_hash),
+        ).fetchone()
+    assert row == ("rejected", "alice")

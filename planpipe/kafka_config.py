@@ -1,8 +1,7 @@
 """librdkafka configurations with the runbook's defaults; user passthrough always wins."""
 
 import logging
-from typing import Any
-from typing import Final
+from typing import Any, Final
 
 from planpipe.settings import Settings
 

@@ -21,7 +21,7 @@ from planpipe.plans.regressions import DetectionConfig, detect_regressions
         "evidence and a node-level plan diff. Findings stay open until resolved or acknowledged."
     ),
 )
-def plan_regressions(context: dg.AssetExecutionContext, planpipe: PlanpipeResource) -> dg.MaterializeResult:
+def plan_regressions(context: dg.AssetExecutionContext, planpipe: PlanpipeResource) -> dg.MaterializeResult[None]:
     settings = planpipe.settings()
     result = detect_regressions(settings.pg_dsn, settings.parquet_dir, config=DetectionConfig(fdr=True))
     metadata: dict[str, dg.MetadataValue] = {}
@@ -44,7 +44,7 @@ def plan_regressions(context: dg.AssetExecutionContext, planpipe: PlanpipeResour
     return dg.MaterializeResult(metadata=metadata)
 
 
-class PlanStatusConfig(dg.Config):  # type: ignore[misc]
+class PlanStatusConfig(dg.Config):
     cluster_id: str
     query_hash: str
     fingerprint: str

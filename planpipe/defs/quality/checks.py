@@ -60,7 +60,7 @@ def observations_suite(context: dg.AssetCheckExecutionContext, planpipe: Planpip
                    ORDER BY batch_id DESC LIMIT %s""",
                 (settings.consumer_group, _FALLBACK_BATCHES),
             ).fetchall()
-        batches = [list(row[0]) for row in rows if row[0]]  # type: ignore[call-overload]
+        batches = [list(row[0]) for row in rows if row[0]]
     root = settings.parquet_dir
     results = []
     for files in batches:
@@ -106,7 +106,7 @@ schema_drift_schedule = dg.ScheduleDefinition(
 def drift_failed(instance: dg.DagsterInstance, run_id: str) -> bool:
     for entry in instance.all_logs(run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION):
         data = entry.dagster_event.event_specific_data if entry.dagster_event else None
-        if data is not None and getattr(data, "check_name", None) == "schema_drift" and not data.passed:  # type: ignore[attr-defined]
+        if isinstance(data, dg.AssetCheckEvaluation) and data.check_name == "schema_drift" and not data.passed:
             return True
     return False
 

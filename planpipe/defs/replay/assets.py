@@ -20,7 +20,7 @@ DLQ_REPLAY = dg.AssetKey(["kafka", "dlq_replay"])
         "the rest is parked in planpipe.dlq_parked."
     ),
 )
-def dlq_replay(context: dg.AssetExecutionContext, planpipe: PlanpipeResource) -> dg.MaterializeResult:
+def dlq_replay(context: dg.AssetExecutionContext, planpipe: PlanpipeResource) -> dg.MaterializeResult[None]:
     summary = run_replay(planpipe.settings(), max_seconds=planpipe.ingest_max_seconds)
     context.log.info(f"replay summary: {summary.as_dict()}")
     return dg.MaterializeResult(

@@ -103,6 +103,17 @@ def test_end_to_end_counts_and_baselines(settings: Settings, real_plans: dict[st
 
     assert set(partition_lag(settings).values()) == {0}
     with psycopg.connect(settings.pg_dsn) as conn:
+        # Histograms merged across batches account for every execution, per plan and per hour.
+        for executions, hist in conn.execute(
+            "SELECT executions, latency_hist FROM planpipe.plan_baselines WHERE cluster_id LIKE %s", (prefix + "-%",)
+        ):
+            assert sum(hist.values()) == executions
+        hourly = conn.execute(
+            """SELECT sum(executions), sum((SELECT sum(value::bigint) FROM jsonb_each_text(latency_hist)))
+               FROM planpipe.plan_rollups_hourly WHERE cluster_id LIKE %s""",
+            (prefix + "-%",),
+        ).fetchone()
+        assert hourly == (len(envelopes), len(envelopes))
         total = conn.execute(
             "SELECT sum(valid), sum(dlq), sum(consumed) FROM planpipe.ingest_batches WHERE consumer_group = %s",
             (settings.consumer_group,),

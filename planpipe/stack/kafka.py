@@ -308,8 +308,16 @@ def ensure_topics(settings: Settings, timeout_s: float = 30.0) -> dict[str, int]
             resource = ConfigResource(ConfigResource.Type.TOPIC, name, incremental_configs=entries)
             for future in client.incremental_alter_configs([resource]).values():
                 future.result(timeout_s)
-    metadata = client.list_topics(timeout=timeout_s).topics
-    return {name: len(metadata[name].partitions) for name in configs if name in metadata}
+    # Metadata propagates asynchronously after CreateTopics: wait until both topics show up.
+    deadline = time.monotonic() + timeout_s
+    while True:
+        metadata = client.list_topics(timeout=timeout_s).topics
+        counts = {name: len(metadata[name].partitions) for name in configs if name in metadata}
+        if len(counts) == len(configs) and all(n >= settings.partitions for n in counts.values()):
+            return counts
+        if time.monotonic() > deadline:
+            raise StackError(f"topics not visible in metadata after {timeout_s}s: {counts}")
+        time.sleep(0.2)
 
 
 def status(settings: Settings) -> dict[str, object]:

@@ -16,11 +16,7 @@ from planpipe_tests.unit.capture import logfmt
 
 pytestmark = pytest.mark.unit
 
-# What the lead's `_STAGE_COMMANDS` entry will do, before it is there.
-_RUNNER = (
-    "import sys, planpipe.cli as c; c._STAGE_COMMANDS = (*c._STAGE_COMMANDS, 'planpipe.capture.cli'); "
-    "sys.exit(c.main(sys.argv[1:]))"
-)
+_RUNNER = "import sys, planpipe.cli as c; sys.exit(c.main(sys.argv[1:]))"
 
 
 def test_sub_commands_register_through_the_stage_convention(monkeypatch: pytest.MonkeyPatch) -> None:

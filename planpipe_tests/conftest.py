@@ -11,11 +11,17 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psycopg
 import pytest
 
 from planpipe.settings import REPO_ROOT, Settings, load_settings
+
+if TYPE_CHECKING:
+    import dagster as dg
+
+    from planpipe.defs.resources import PlanpipeResource
 
 TEST_ENV = {
     "PLANPIPE_HOME": str(REPO_ROOT / ".planpipe" / "test"),
@@ -71,3 +77,29 @@ def settings(stack_settings: Settings, tmp_path: Path) -> Settings:
 def pg(stack_settings: Settings) -> Iterator[psycopg.Connection[tuple[object, ...]]]:
     with psycopg.connect(stack_settings.pg_dsn, autocommit=True) as conn:
         yield conn
+
+
+@pytest.fixture(scope="session")
+def dagster_instance(stack_settings: Settings) -> "Iterator[dg.DagsterInstance]":
+    """The real instance of the test stack: dagster.yaml with PostgreSQL storage."""
+    import dagster as dg
+
+    os.environ["PLANPIPE_DAGSTER_PG_DSN"] = stack_settings.dagster_pg_dsn
+    instance = dg.DagsterInstance.from_config(str(stack_settings.dagster_home))
+    yield instance
+    instance.dispose()
+
+
+@pytest.fixture
+def planpipe_resource(settings: Settings) -> "PlanpipeResource":
+    """The code location's resource pointed at this test's topics and groups."""
+    from planpipe.defs.resources import PlanpipeResource
+
+    return PlanpipeResource(
+        topic=settings.topic,
+        dlq_topic=settings.dlq_topic,
+        consumer_group=settings.consumer_group,
+        replay_group=settings.replay_group,
+        max_ingest_runs=2,
+        ingest_max_seconds=120,
+    )

@@ -17,12 +17,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import dagster as dg
 import psutil
 import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, Playwright, sync_playwright
 
-from planpipe.defs.resources import PlanpipeResource
 from planpipe.demo.cli import dagster_environment
 from planpipe.settings import REPO_ROOT, Settings
 
@@ -125,27 +123,6 @@ def chromium_executable() -> Path:
             pytrace=False,
         )
     return CHROMIUM
-
-
-@pytest.fixture(scope="session")
-def dagster_instance(stack_settings: Settings) -> Iterator[dg.DagsterInstance]:
-    """The real instance of the test stack (dagster.yaml with PostgreSQL storage), as the webserver sees it."""
-    os.environ["PLANPIPE_DAGSTER_PG_DSN"] = stack_settings.dagster_pg_dsn
-    instance = dg.DagsterInstance.from_config(str(stack_settings.dagster_home))
-    yield instance
-    instance.dispose()
-
-
-@pytest.fixture
-def planpipe_resource(settings: Settings) -> PlanpipeResource:
-    return PlanpipeResource(
-        topic=settings.topic,
-        dlq_topic=settings.dlq_topic,
-        consumer_group=settings.consumer_group,
-        replay_group=settings.replay_group,
-        max_ingest_runs=2,
-        ingest_max_seconds=120,
-    )
 
 
 @pytest.fixture(scope="session")

@@ -13,10 +13,10 @@ from planpipe.settings import Settings
 
 def _result(outcome: sla.SlaResult, severity: dg.AssetCheckSeverity) -> dg.AssetCheckResult:
     metadata = {
-        "measured": dg.MetadataValue.float(outcome.value)
+        "measured": dg.MetadataValue.float(float(outcome.value))
         if outcome.value is not None
         else dg.MetadataValue.text("no data"),
-        "threshold": dg.MetadataValue.float(outcome.threshold),
+        "threshold": dg.MetadataValue.float(float(outcome.threshold)),
         "window_seconds": dg.MetadataValue.int(outcome.window_s),
         "detail": dg.MetadataValue.text(outcome.detail),
     }

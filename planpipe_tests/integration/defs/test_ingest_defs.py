@@ -49,6 +49,24 @@ def test_lag_sensor_records_lag_and_launches(
     assert [r.run_key for r in again.run_requests or []] == ["ingest-2"]
 
 
+def test_sla_check_job_runs_every_check(
+    settings: Settings, dagster_instance: dg.DagsterInstance, planpipe_resource: PlanpipeResource
+) -> None:
+    create_workload(settings.pg_dsn)
+    publish(settings, make_envelopes(capture_plans(settings.pg_dsn), 50, "slajob"))
+    kafka_lag_sensor(dg.build_sensor_context(instance=dagster_instance, resources={"planpipe": planpipe_resource}))
+    job = defs.resolve_job_def("sla_check_job")
+    result = job.execute_in_process(instance=dagster_instance, resources={"planpipe": planpipe_resource})
+    assert result.success
+    evaluations = {e.check_name: e for e in result.get_asset_check_evaluations()}
+    assert set(evaluations) == {"consumer_lag_sla", "p95_latency_sla", "dlq_rate_sla", "lock_wait_sla"}
+    lag = evaluations["consumer_lag_sla"]
+    assert lag.passed  # 50 messages of lag is far below 15,000
+    # measured = the worst partition's lag: 50 messages spread over the partitions
+    assert 0 < lag.metadata["measured"].value <= 50.0  # type: ignore[operator]
+    assert lag.metadata["threshold"].value == 15000.0
+
+
 def test_wanted_runs_respects_the_limit() -> None:
     assert wanted_runs(0, 0, 2) == 0
     assert wanted_runs(10, 0, 2) == 1

@@ -31,11 +31,12 @@ TEST_ENV = {
 }
 
 
+@pytest.hookimpl(tryfirst=True)  # before `-m` selection reads the markers
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
-        if "/integration/" in str(item.path) and "integration" not in item.keywords:
+        if "/integration/" in str(item.path) and item.get_closest_marker("integration") is None:
             item.add_marker(pytest.mark.integration)
-        elif "/unit/" in str(item.path) and "unit" not in item.keywords:
+        elif "/unit/" in str(item.path) and item.get_closest_marker("unit") is None:
             item.add_marker(pytest.mark.unit)
 
 

@@ -3,8 +3,7 @@
 Kept apart from the consumer loop so it can be unit-tested and benchmarked alone.
 """
 
-import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -172,9 +171,3 @@ def _dead(record: KafkaRecord, raw: bytes | None, reason: Reason, field: str | N
         source_offset=record.offset(),
         original_headers=as_header_list(record.headers()),
     )
-
-
-def latencies_ms(published_at: Iterable[float], committed_at: float | None = None) -> list[float]:
-    """publish → baseline-commit latency per observation, never negative (clock skew)."""
-    now = time.time() if committed_at is None else committed_at
-    return [max(0.0, (now - published) * 1000) for published in published_at]

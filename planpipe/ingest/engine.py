@@ -25,7 +25,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Final
 
 import psycopg
@@ -382,7 +381,3 @@ class IngestEngine:
         if len(self._known_fingerprints) > _KNOWN_FINGERPRINTS_MAX:
             self._known_fingerprints.clear()
         self._known_fingerprints.update(new_plans)
-
-
-def parquet_root(settings: Settings) -> Path:
-    return settings.parquet_dir

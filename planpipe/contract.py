@@ -8,6 +8,7 @@ original bytes, untouched, to the dead-letter queue.
 """
 
 import enum
+import json
 import math
 import re
 from typing import Annotated, Final, Literal
@@ -74,6 +75,15 @@ class Reason(enum.StrEnum):
     OUT_OF_RANGE = "out_of_range"
     PLAN_TOO_LARGE = "plan_too_large"
     PLAN_UNPARSEABLE = "plan_unparseable"
+    # PostgreSQL text and jsonb cannot hold U+0000; the envelope is rejected whole
+    # (the DLQ keeps the original bytes) rather than silently stripped.
+    NUL_CHARACTER = "nul_character"
+    # The same field twice: JSON decoders disagree on which value wins, so the
+    # envelope is ambiguous and rejected.
+    DUPLICATE_KEY = "duplicate_key"
+    # A sink (PostgreSQL or the Parquet writer) refused the record for a data
+    # reason the contract did not foresee; set by the ingest engine, never here.
+    SINK_REJECTED = "sink_rejected"
 
 
 class ContractViolation(Exception):
@@ -91,6 +101,14 @@ class ContractViolation(Exception):
         where = f" ({self.field})" if self.field else ""
         return f"{self.reason}{where}: {self.detail}"
 
+
+_FIELD_NAMES: Final = tuple(Envelope.__struct_fields__)
+_QUOTED_FIELD_NAMES: Final = tuple((name, f'"{name}"'.encode()) for name in _FIELD_NAMES)
+_TEXT_FIELDS: Final = ("query_hash", "cluster_id", "plan_text", "query_type", "query_text", "trace_id")
+# A `\u0000` escape inside the plan JSON (preceded by an even number of backslashes,
+# so it is an escape and not the literal text "\\u0000") decodes to U+0000 when the
+# plan is parsed and would poison the jsonb plan catalog.
+_PLAN_NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 
 _MISSING = re.compile(r"missing required field `([^`]+)`")
 _UNKNOWN = re.compile(r"unknown field `([^`]+)`")
@@ -146,11 +164,49 @@ class EnvelopeDecoder:
                     "plan_text",
                     f"{plan_bytes} bytes > limit {self.max_plan_bytes}",
                 )
+        _reject_duplicate_keys(raw)
+        _reject_nul_characters(envelope)
         if not envelope.plan_text.strip():
             raise ContractViolation(Reason.OUT_OF_RANGE, "plan_text", "plan_text is empty")
         if not (math.isfinite(envelope.total_time_ms) and math.isfinite(envelope.execution_timestamp)):
             raise ContractViolation(Reason.OUT_OF_RANGE, "total_time_ms", "non-finite number")
         return envelope
+
+
+def _reject_duplicate_keys(raw: bytes | bytearray | memoryview) -> None:
+    """Reject an envelope that names a field twice (msgspec, like most decoders, keeps the last).
+
+    Cheap screen first: inside a JSON string every quote is escaped, so an unescaped
+    `"name"` can only be a key. Only a payload that repeats one, or spells a key with
+    `\\u` escapes, pays for a full parse that sees every key.
+    """
+    data = bytes(raw)
+    suspicious = b"\\u" in data or any(data.count(quoted) > 1 for _, quoted in _QUOTED_FIELD_NAMES)
+    if not suspicious:
+        return
+    seen: set[str] = set()
+    duplicates: list[str] = []
+
+    def pairs_hook(pairs: list[tuple[str, object]]) -> dict[str, object]:
+        for name, _ in pairs:
+            if name in seen:
+                duplicates.append(name)
+            seen.add(name)
+        return {}
+
+    # Only the envelope itself is a JSON object (the plan travels as a string).
+    json.loads(data, object_pairs_hook=pairs_hook)
+    if duplicates:
+        raise ContractViolation(Reason.DUPLICATE_KEY, duplicates[0], f"field `{duplicates[0]}` appears more than once")
+
+
+def _reject_nul_characters(envelope: Envelope) -> None:
+    for name in _TEXT_FIELDS:
+        value = getattr(envelope, name)
+        if value is not None and "\x00" in value:
+            raise ContractViolation(Reason.NUL_CHARACTER, name, f"`{name}` contains U+0000")
+    if "\\u0000" in envelope.plan_text and _PLAN_NUL_ESCAPE.search(envelope.plan_text):
+        raise ContractViolation(Reason.NUL_CHARACTER, "plan_text", "plan JSON contains a \\u0000 escape")
 
 
 _encoder = msgspec.json.Encoder()

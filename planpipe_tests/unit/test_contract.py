@@ -144,6 +144,8 @@ REJECTIONS = [
     ("unknown-priority", payload(priority="urgent"), Reason.OUT_OF_RANGE, "priority"),
     ("blank-plan", payload(plan_text=" \n\t"), Reason.OUT_OF_RANGE, "plan_text"),
     ("empty-plan", payload(plan_text=""), Reason.OUT_OF_RANGE, "plan_text"),
+    ("nul-in-cluster", payload(cluster_id="a\u0000"), Reason.NUL_CHARACTER, "cluster_id"),
+    ("duplicate-key", payload()[:-1] + b',"query_hash":"other"}', Reason.DUPLICATE_KEY, "query_hash"),
 ]
 
 
@@ -164,8 +166,9 @@ def test_none_is_empty() -> None:
 def test_every_decoder_reason_is_covered() -> None:
     # PLAN_UNPARSEABLE belongs to the plan normalizer: the decoder treats plan_text as
     # opaque text (the routing guide: the router does not parse execution trees).
+    # SINK_REJECTED is the ingest engine's, for what PostgreSQL or Parquet refuse.
     covered = {c[2] for c in REJECTIONS} | {Reason.PLAN_TOO_LARGE}
-    assert set(Reason) - covered == {Reason.PLAN_UNPARSEABLE}
+    assert set(Reason) - covered == {Reason.PLAN_UNPARSEABLE, Reason.SINK_REJECTED}
 
 
 # --- plan_text size limit --------------------------------------------------------------------
@@ -270,7 +273,9 @@ def test_mutated_envelopes_decode_or_violate(doc: dict[str, Any]) -> None:
 
 
 def _text(min_size: int = 0, max_size: int | None = None) -> st.SearchStrategy[str]:
-    return st.text(min_size=min_size, max_size=max_size)
+    # U+0000 is outside the contract (Reason.NUL_CHARACTER), so valid envelopes never hold it.
+    alphabet = st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",))
+    return st.text(alphabet, min_size=min_size, max_size=max_size)
 
 
 valid_envelopes = st.builds(
@@ -297,3 +302,50 @@ def test_valid_envelopes_round_trip(envelope: Envelope) -> None:
     decoded = DECODER.decode(encoded)
     assert decoded == envelope
     assert encode_envelope(decoded) == encoded
+
+
+# -- NUL characters: PostgreSQL text/jsonb cannot hold them, so they stop at the edge ------------
+
+
+@pytest.mark.parametrize("field", ["query_hash", "cluster_id", "query_text", "query_type", "trace_id"])
+def test_a_nul_character_in_any_text_field_is_rejected_with_its_own_reason(field: str) -> None:
+    result = outcome(payload(**{field: "a\u0000b"}))
+    assert isinstance(result, ContractViolation)
+    assert (result.reason, result.field) == (Reason.NUL_CHARACTER, field)
+
+
+def test_a_nul_escape_inside_the_plan_json_is_rejected() -> None:
+    plan = '[{"Plan": {"Node Type": "Seq Scan", "Filter": "(name = \'a\\u0000b\'::text)"}}]'
+    result = outcome(payload(plan_text=plan))
+    assert isinstance(result, ContractViolation)
+    assert (result.reason, result.field) == (Reason.NUL_CHARACTER, "plan_text")
+
+
+def test_an_escaped_backslash_before_u0000_is_literal_text_and_accepted() -> None:
+    # In the plan JSON `\\u0000` is a backslash followed by the text "u0000": no NUL.
+    plan = '[{"Plan": {"Node Type": "Seq Scan", "Filter": "(name = \'a\\\\u0000b\'::text)"}}]'
+    result = outcome(payload(plan_text=plan))
+    assert isinstance(result, Envelope)
+
+
+# -- duplicate keys: ambiguous, whichever value a decoder keeps -----------------------------------
+
+
+def test_a_duplicate_field_is_rejected_naming_the_field() -> None:
+    raw = payload()[:-1] + b',"cluster_id":"pg-other"}'
+    result = outcome(raw)
+    assert isinstance(result, ContractViolation)
+    assert (result.reason, result.field) == (Reason.DUPLICATE_KEY, "cluster_id")
+
+
+def test_a_duplicate_field_spelled_with_escapes_is_rejected() -> None:
+    raw = payload()[:-1] + b',"cluster\\u005fid":"pg-other"}'
+    result = outcome(raw)
+    assert isinstance(result, ContractViolation)
+    assert (result.reason, result.field) == (Reason.DUPLICATE_KEY, "cluster_id")
+
+
+def test_a_field_name_as_a_value_is_not_a_duplicate() -> None:
+    result = outcome(payload(query_text="cluster_id", query_type="plan_text"))
+    assert isinstance(result, Envelope)
+    assert result.query_text == "cluster_id"

@@ -1,6 +1,14 @@
-"""librdkafka configurations with the runbook's defaults; user passthrough always wins."""
+"""librdkafka configurations with the runbook's defaults, and the one size limit.
+
+User passthrough (PLANPIPE_PRODUCER__*, PLANPIPE_CONSUMER__*) wins over the
+runbook's defaults. The size options are the exception: they are derived from
+`PLANPIPE_MAX_PLAN_BYTES` by `SizeLimits` (topics, broker, producer, consumer
+and DLQ all read the same numbers from here) and a passthrough may raise them,
+never lower them below what the limit needs.
+"""
 
 import logging
+from dataclasses import dataclass
 from typing import Any, Final
 
 from planpipe.settings import Settings
@@ -30,19 +38,151 @@ CONSUMER_DEFAULTS: Final[dict[str, str | int | bool]] = {
 }
 
 
+MIB: Final = 1024 * 1024
+
+# JSON escaping of plan_text inside the envelope: each byte of an EXPLAIN plan
+# takes at most two on the wire (`"` → `\"`, `\` → `\\`, newline → `\n`) when the
+# writer emits UTF-8 as is (msgspec, `json.dumps(ensure_ascii=False)`). `\uXXXX`
+# escapes can grow it further; such an envelope is rejected whole by the router
+# (reason `plan_too_large`, no field) and dead-lettered, never lost.
+PLAN_ESCAPE_FACTOR: Final = 2
+# Everything in an envelope but the plan: query_text, hashes, ids, numbers.
+ENVELOPE_FIELDS_ALLOWANCE: Final = 1 * MIB
+# Key and headers of one record: route, trace-id, the DLQ's reason/detail (1 KiB)/
+# stage/source coordinates and file path, truncation headers, the caller's own.
+RECORD_HEADROOM: Final = 64 * 1024
+# Record batch framing and compression overhead above the one record a batch of
+# a large record holds (librdkafka never adds records after one larger than
+# batch.size): what the broker checks against the topic's max.message.bytes.
+BATCH_HEADROOM: Final = 64 * 1024
+# librdkafka's range for message.max.bytes (the largest of the derived values).
+LIBRDKAFKA_MAX_MESSAGE_BYTES: Final = 1_000_000_000
+# Defaults the derived values never go below (librdkafka's and Kafka's own).
+DEFAULT_FETCH_MAX_BYTES: Final = 52_428_800
+DEFAULT_RECEIVE_MESSAGE_MAX_BYTES: Final = 100_000_000
+DEFAULT_SOCKET_REQUEST_MAX_BYTES: Final = 104_857_600
+MIN_PLAN_BYTES: Final = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class SizeLimits:
+    """Every size Kafka must carry, derived from the contract's plan_text limit.
+
+    * `max_envelope_bytes`: the largest raw envelope the router accepts, and the
+      most of a rejected input's bytes the DLQ carries (beyond it: truncated).
+    * `max_record_bytes`: one record (value + key + headers), producer
+      `message.max.bytes`.
+    * `max_batch_bytes`: topic `max.message.bytes`, broker `message.max.bytes`
+      and `replica.fetch.max.bytes`, consumer `max.partition.fetch.bytes`.
+    """
+
+    max_plan_bytes: int
+    max_envelope_bytes: int
+    max_record_bytes: int
+    max_batch_bytes: int
+    fetch_max_bytes: int
+    receive_message_max_bytes: int
+    socket_request_max_bytes: int
+
+    @classmethod
+    def for_plan_bytes(cls, max_plan_bytes: int) -> "SizeLimits":
+        envelope = PLAN_ESCAPE_FACTOR * max_plan_bytes + ENVELOPE_FIELDS_ALLOWANCE
+        record = envelope + RECORD_HEADROOM
+        batch = record + BATCH_HEADROOM
+        if max_plan_bytes < MIN_PLAN_BYTES or batch > LIBRDKAFKA_MAX_MESSAGE_BYTES:
+            largest = (LIBRDKAFKA_MAX_MESSAGE_BYTES - BATCH_HEADROOM - RECORD_HEADROOM - ENVELOPE_FIELDS_ALLOWANCE) // (
+                PLAN_ESCAPE_FACTOR
+            )
+            raise ValueError(
+                f"PLANPIPE_MAX_PLAN_BYTES must be within {MIN_PLAN_BYTES}..{largest} "
+                f"(Kafka clients carry at most {LIBRDKAFKA_MAX_MESSAGE_BYTES:,} bytes per request), "
+                f"got {max_plan_bytes}"
+            )
+        # A fetch returns at least one whole batch (KIP-74), so the response may be
+        # fetch.max.bytes plus one batch, plus protocol framing.
+        fetch = max(DEFAULT_FETCH_MAX_BYTES, batch)
+        return cls(
+            max_plan_bytes=max_plan_bytes,
+            max_envelope_bytes=envelope,
+            max_record_bytes=record,
+            max_batch_bytes=batch,
+            fetch_max_bytes=fetch,
+            receive_message_max_bytes=max(DEFAULT_RECEIVE_MESSAGE_MAX_BYTES, fetch + batch + 512),
+            socket_request_max_bytes=max(DEFAULT_SOCKET_REQUEST_MAX_BYTES, batch + MIB),
+        )
+
+    def producer_options(self) -> dict[str, int]:
+        # librdkafka refuses at produce() a record whose wire size exceeds this
+        # (MSG_SIZE_TOO_LARGE), so nothing the topic would refuse is ever queued.
+        return {"message.max.bytes": self.max_record_bytes}
+
+    def consumer_options(self) -> dict[str, int]:
+        return {
+            "message.max.bytes": self.max_batch_bytes,
+            "max.partition.fetch.bytes": self.max_batch_bytes,
+            "fetch.max.bytes": self.fetch_max_bytes,
+            "receive.message.max.bytes": self.receive_message_max_bytes,
+        }
+
+    def consumer_floors(self) -> dict[str, int]:
+        """The least a consumer passthrough may set: one whole batch must fit a fetch."""
+        return {
+            "message.max.bytes": self.max_batch_bytes,
+            "max.partition.fetch.bytes": self.max_batch_bytes,
+            "fetch.max.bytes": self.max_batch_bytes,
+            "receive.message.max.bytes": 2 * self.max_batch_bytes + 512,
+        }
+
+    def topic_config(self) -> dict[str, str]:
+        return {"max.message.bytes": str(self.max_batch_bytes)}
+
+    def broker_properties(self) -> dict[str, str]:
+        return {
+            "message.max.bytes": str(self.max_batch_bytes),
+            "replica.fetch.max.bytes": str(self.max_batch_bytes),
+            "socket.request.max.bytes": str(self.socket_request_max_bytes),
+        }
+
+
+def size_limits(settings: Settings) -> SizeLimits:
+    return SizeLimits.for_plan_bytes(settings.max_plan_bytes)
+
+
+def _apply_overrides(conf: dict[str, Any], overrides: dict[str, str], floors: dict[str, int], scope: str) -> None:
+    """Passthrough wins, except that it may not lower a size option below the limit's needs."""
+    for name, floor in floors.items():
+        if name in overrides:
+            try:
+                value = int(overrides[name])
+            except ValueError:
+                raise ValueError(f"{scope} option {name} must be an integer, got {overrides[name]!r}") from None
+            if value < floor:
+                variable = f"PLANPIPE_{scope.upper()}__{name.upper().replace('.', '_')}"
+                raise ValueError(
+                    f"{variable}={value} is below the {floor:,} bytes PLANPIPE_MAX_PLAN_BYTES needs; "
+                    "raise it, drop it, or lower PLANPIPE_MAX_PLAN_BYTES"
+                )
+    conf.update(overrides)
+
+
 def _base(settings: Settings) -> dict[str, str | int | bool | logging.Logger]:
     return {"bootstrap.servers": settings.kafka_bootstrap, "logger": CLIENT_LOGGER}
 
 
 def producer_config(settings: Settings, **extra: str | int | bool) -> dict[str, Any]:
-    conf: dict[str, Any] = {**_base(settings), **PRODUCER_DEFAULTS, **extra}
-    conf.update(settings.producer_overrides)
+    """Every producer (router, ingest DLQ, replay, bench): carries records up to the size limit."""
+    sizes = size_limits(settings).producer_options()
+    conf: dict[str, Any] = {**_base(settings), **PRODUCER_DEFAULTS, **sizes, **extra}
+    _apply_overrides(conf, settings.producer_overrides, sizes, "producer")
     return conf
 
 
 def consumer_config(settings: Settings, group_id: str, **extra: str | int | bool) -> dict[str, Any]:
-    conf: dict[str, Any] = {**_base(settings), "group.id": group_id, **CONSUMER_DEFAULTS, **extra}
-    conf.update(settings.consumer_overrides)
+    """Every consumer (ingest, replay, lag): fetches records up to the size limit."""
+    limits = size_limits(settings)
+    sizes = limits.consumer_options()
+    conf: dict[str, Any] = {**_base(settings), "group.id": group_id, **CONSUMER_DEFAULTS, **sizes, **extra}
+    _apply_overrides(conf, settings.consumer_overrides, limits.consumer_floors(), "consumer")
     return conf
 
 

@@ -25,7 +25,7 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
     NewTopic,
 )
 
-from planpipe.kafka_config import admin_config
+from planpipe.kafka_config import admin_config, size_limits
 from planpipe.settings import Settings
 from planpipe.stack.errors import StackError, pid_alive, tail
 
@@ -38,9 +38,18 @@ QUERY_PLANS_RETENTION_BYTES: Final = 100 * 1024**3
 PRODUCTION_PARTITIONS: Final = 48
 
 
+# A topic setting planpipe only ever raises: a larger value set by an operator stays.
+MAX_MESSAGE_BYTES: Final = "max.message.bytes"
+
+
 def topic_configs(settings: Settings) -> dict[str, dict[str, str]]:
-    """Per-topic configuration: the runbook's for `query-plans`; the DLQ keeps everything."""
+    """Per-topic configuration: the runbook's for `query-plans`; the DLQ keeps everything.
+
+    Both carry the one size limit (`max.message.bytes` from `kafka_config.SizeLimits`):
+    the DLQ must take every reject the router or the ingest run sends it.
+    """
     min_isr = str(min(2, settings.replication_factor))
+    sizes = size_limits(settings).topic_config()
     return {
         settings.topic: {
             "compression.type": "zstd",
@@ -48,6 +57,7 @@ def topic_configs(settings: Settings) -> dict[str, dict[str, str]]:
             "retention.bytes": str(QUERY_PLANS_RETENTION_BYTES),
             "cleanup.policy": "delete",
             "min.insync.replicas": min_isr,
+            **sizes,
         },
         # Routing guide: the DLQ is "a persistent message broker with infinite retention".
         settings.dlq_topic: {
@@ -56,6 +66,7 @@ def topic_configs(settings: Settings) -> dict[str, dict[str, str]]:
             "retention.bytes": "-1",
             "cleanup.policy": "delete",
             "min.insync.replicas": min_isr,
+            **sizes,
         },
     }
 
@@ -170,6 +181,9 @@ def _write_properties(settings: Settings, paths: KafkaPaths) -> None:
         # Runbook, "Broker Disk Saturation": batch disk writes.
         "log.flush.interval.messages": "100000",
         "log.flush.interval.ms": "10000",
+        # The one size limit (kafka_config.SizeLimits): message.max.bytes,
+        # replica.fetch.max.bytes, socket.request.max.bytes.
+        **size_limits(settings).broker_properties(),
     }
     paths.properties.write_text("".join(f"{k}={v}\n" for k, v in lines.items()))
 
@@ -304,10 +318,7 @@ def ensure_topics(settings: Settings, timeout_s: float = 30.0) -> dict[str, int]
             future.result(timeout_s)
     for name, cfg in configs.items():
         if name in existing:
-            entries = [ConfigEntry(k, v, incremental_operation=AlterConfigOpType.SET) for k, v in cfg.items()]
-            resource = ConfigResource(ConfigResource.Type.TOPIC, name, incremental_configs=entries)
-            for future in client.incremental_alter_configs([resource]).values():
-                future.result(timeout_s)
+            _alter_topic(client, name, cfg, timeout_s)
     # Metadata propagates asynchronously after CreateTopics: wait until both topics show up.
     deadline = time.monotonic() + timeout_s
     while True:
@@ -318,6 +329,45 @@ def ensure_topics(settings: Settings, timeout_s: float = 30.0) -> dict[str, int]
         if time.monotonic() > deadline:
             raise StackError(f"topics not visible in metadata after {timeout_s}s: {counts}")
         time.sleep(0.2)
+
+
+def _topic_config(client: AdminClient, name: str, timeout_s: float) -> dict[str, str]:
+    resource = ConfigResource(ConfigResource.Type.TOPIC, name)
+    described = client.describe_configs([resource])[resource].result(timeout_s)
+    return {key: entry.value for key, entry in described.items()}
+
+
+def _alter_topic(client: AdminClient, name: str, cfg: dict[str, str], timeout_s: float) -> None:
+    """Set the runbook's configs on an existing topic; raise `max.message.bytes` only when smaller.
+
+    Fails with a message that names the topic, the value found and the value
+    needed when the size limit cannot be applied (e.g. no ALTER_CONFIGS right on
+    an external cluster): records up to the limit would be refused otherwise.
+    """
+    wanted = dict(cfg)
+    needed = int(wanted.pop(MAX_MESSAGE_BYTES))
+    found = _topic_config(client, name, timeout_s).get(MAX_MESSAGE_BYTES)
+    if found is None or int(found) < needed:
+        wanted[MAX_MESSAGE_BYTES] = str(needed)
+    entries = [ConfigEntry(k, v, incremental_operation=AlterConfigOpType.SET) for k, v in wanted.items()]
+    resource = ConfigResource(ConfigResource.Type.TOPIC, name, incremental_configs=entries)
+    try:
+        for future in client.incremental_alter_configs([resource]).values():
+            future.result(timeout_s)
+    except KafkaException as error:
+        if MAX_MESSAGE_BYTES not in wanted:
+            raise StackError(f"could not update the configuration of topic {name}: {error}") from error
+        raise StackError(
+            f"topic {name} has {MAX_MESSAGE_BYTES}={found}, smaller than the {needed} bytes "
+            f"PLANPIPE_MAX_PLAN_BYTES needs, and planpipe could not raise it: {error}. "
+            f"Set {MAX_MESSAGE_BYTES}>={needed} on the topic, or lower PLANPIPE_MAX_PLAN_BYTES."
+        ) from error
+    after = _topic_config(client, name, timeout_s).get(MAX_MESSAGE_BYTES)
+    if after is None or int(after) < needed:
+        raise StackError(
+            f"topic {name} still has {MAX_MESSAGE_BYTES}={after} after planpipe raised it to {needed} "
+            "(a broker policy?); records up to PLANPIPE_MAX_PLAN_BYTES would be refused"
+        )
 
 
 def status(settings: Settings) -> dict[str, object]:

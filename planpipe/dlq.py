@@ -4,6 +4,7 @@ Used at both boundaries that can reject: the router (capture side) and the
 ingest engine (consumer side). The replay job reads the same headers back.
 """
 
+import hashlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,6 +23,10 @@ H_SOURCE_FILE: Final = "planpipe-source-file"
 H_REJECTED_AT: Final = "planpipe-rejected-at"
 H_TRACE_ID: Final = "trace-id"
 H_CORRECTION_RULE: Final = "planpipe-correction-rule"
+# A reject too large for the DLQ travels truncated; these say so and identify the original.
+H_TRUNCATED: Final = "planpipe-truncated"
+H_ORIGINAL_SIZE: Final = "planpipe-original-size"
+H_ORIGINAL_SHA256: Final = "planpipe-original-sha256"
 
 Headers = list[tuple[str, bytes]]
 # What confluent-kafka hands back or accepts: a list of pairs or a dict, str or bytes values.
@@ -69,6 +74,18 @@ class DeadLetter:
         if self.source_file is not None:
             headers.append((H_SOURCE_FILE, self.source_file.encode()))
         return headers
+
+
+def fit_value(value: bytes, limit: int) -> tuple[bytes, Headers]:
+    """`value` unchanged when it fits `limit` bytes; else its first `limit` bytes and headers
+    saying it was truncated, with the original size and sha256 (what was lost is identified)."""
+    if len(value) <= limit:
+        return value, []
+    return value[:limit], [
+        (H_TRUNCATED, b"1"),
+        (H_ORIGINAL_SIZE, str(len(value)).encode()),
+        (H_ORIGINAL_SHA256, hashlib.sha256(value).hexdigest().encode()),
+    ]
 
 
 def header_map(headers: AnyHeaders | Sequence[tuple[str, bytes]]) -> dict[str, str]:

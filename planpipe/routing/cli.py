@@ -10,11 +10,16 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Final
 
 from planpipe.routing.producer import DEFAULT_COOLDOWN_S, PlanProducer
 from planpipe.routing.publish import format_report, publish_file
 from planpipe.routing.spool import Spool
 from planpipe.settings import Settings
+
+# `planpipe publish` exit codes: 0 every record is on its topic or safe in the spool,
+# 2 usage error, 3 some record was refused by Kafka for good (undeliverable).
+EXIT_UNDELIVERABLE: Final = 3
 
 
 def _sample_rate(text: str) -> int:
@@ -41,6 +46,14 @@ def _publish(args: argparse.Namespace, settings: Settings) -> int:
         print(format_report(report, settings, source=str(path)))
     # Still-spooled envelopes are safe on disk and go out with the next run or
     # `planpipe spool drain`; the summary says so, the exit code stays 0.
+    # A record Kafka refused for good is lost to both topics: never a success.
+    if report.undeliverable:
+        print(
+            f"planpipe publish: {report.undeliverable} record(s) refused by Kafka for good (see the log); "
+            f"check the topics' max.message.bytes against PLANPIPE_MAX_PLAN_BYTES",
+            file=sys.stderr,
+        )
+        return EXIT_UNDELIVERABLE
     return 0
 
 
@@ -80,12 +93,21 @@ def _spool_drain(args: argparse.Namespace, settings: Settings) -> int:
     print(f"before       {before:,}")
     print(f"delivered    {stats.delivered_from_spool:,}")
     print(f"still queued {stats.spool_depth:,}")
+    if stats.undeliverable:
+        print(f"undeliverable {stats.undeliverable:,}  (refused by Kafka for good, see the log)")
     print(f"elapsed      {time.monotonic() - started:.2f} s  (breaker {stats.breaker})")
+    if stats.undeliverable:
+        return EXIT_UNDELIVERABLE
     return 0 if stats.spool_depth == 0 else 1
 
 
 def add_parsers(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    p = sub.add_parser("publish", help="publish a JSONL file of envelopes (bad lines go to the DLQ)")
+    p = sub.add_parser(
+        "publish",
+        help="publish a JSONL file of envelopes (bad lines go to the DLQ)",
+        description="Exit status: 0 all published, dead-lettered or spooled; 2 usage error; "
+        f"{EXIT_UNDELIVERABLE} some record was refused by Kafka for good (undeliverable).",
+    )
     p.add_argument("--file", type=Path, required=True, help="one JSON envelope per line")
     p.add_argument(
         "--sample-rate", type=_sample_rate, default=None, help="percent kept (0..100); default from settings"
@@ -100,7 +122,10 @@ def add_parsers(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> N
     s = spool_sub.add_parser("status", help="depth and oldest age")
     s.add_argument("--json", action="store_true")
     s.set_defaults(handler=_spool_status)
-    s = spool_sub.add_parser("drain", help="send spooled envelopes to Kafka now; exit 1 if some remain")
+    s = spool_sub.add_parser(
+        "drain",
+        help=f"send spooled envelopes to Kafka now; exit 1 if some remain, {EXIT_UNDELIVERABLE} if Kafka refused some",
+    )
     s.add_argument("--timeout", type=float, default=60.0, help="give up after this many seconds")
     s.add_argument("--cooldown", type=float, default=5.0, help="circuit breaker cool-down, seconds")
     s.set_defaults(handler=_spool_drain)

@@ -46,6 +46,17 @@ QUEUE_DEPTH: Final = Gauge(
     "Events waiting in the router's bounded in-memory queue.",
     registry=REGISTRY,
 )
+# Records Kafka refused for good (too large, invalid): never delivered, never
+# retried. `destination` is "topic" (query-plans) or "dlq". Any increase is a bug
+# or a misconfigured cluster; `planpipe publish` exits non-zero for them.
+Destination = Literal["topic", "dlq"]
+DESTINATIONS: Final[tuple[Destination, ...]] = ("topic", "dlq")
+UNDELIVERABLE: Final = Counter(
+    "explain_router_undeliverable_total",
+    "Records Kafka refused permanently (e.g. larger than the topic accepts), by destination.",
+    ["destination"],
+    registry=REGISTRY,
+)
 # Route evaluation is a decode plus a few comparisons: tens of microseconds.
 ROUTE_EVALUATION_MS: Final = Histogram(
     "explain_router_route_evaluation_duration_ms",
@@ -68,6 +79,8 @@ for _route in ROUTES:
         INGESTED.labels(route=_route, priority=_priority)
 for _reason in DROP_REASONS:
     DROPPED.labels(reason=_reason)
+for _destination in DESTINATIONS:
+    UNDELIVERABLE.labels(destination=_destination)
 
 
 def start_metrics_server(port: int, addr: str = "127.0.0.1") -> tuple[WSGIServer, threading.Thread]:

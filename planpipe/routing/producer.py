@@ -523,6 +523,8 @@ class PlanProducer:
 
     def _undeliverable(self, record: OutRecord, seq: int | None, ticket: _Ticket | None, error: str) -> None:
         self._stats_undeliverable += 1
+        destination: metrics.Destination = "dlq" if record.topic == self._settings.dlq_topic else "topic"
+        metrics.UNDELIVERABLE.labels(destination=destination).inc()
         if seq is not None:
             self._round.acks.append(seq)  # it can never succeed; the hook owns it now
         if ticket is not None:

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Final
 
 from planpipe.contract import EnvelopeDecoder
-from planpipe.dlq import H_REASON, H_TRACE_ID, DeadLetter, header_map
+from planpipe.dlq import H_REASON, H_TRACE_ID, DeadLetter, fit_value, header_map
+from planpipe.kafka_config import size_limits
 from planpipe.routing import metrics
 from planpipe.routing.candidates import RegressionCandidates
 from planpipe.routing.producer import DEFAULT_COOLDOWN_S, PlanProducer, ProducerStats
@@ -130,11 +131,16 @@ class PlanPublisher:
         cooldown_s: float = DEFAULT_COOLDOWN_S,
     ) -> None:
         self._settings = settings
+        self._limits = size_limits(settings)
         self._router = router or Router(
             RoutingConfig(sample_rate_pct=settings.sample_rate_pct),
             decoder=EnvelopeDecoder(max_plan_bytes=settings.max_plan_bytes),
             regression_candidates=RegressionCandidates(settings.pg_dsn),
+            max_envelope_bytes=self._limits.max_envelope_bytes,
         )
+        if self._router.max_envelope_bytes is None:
+            # A caller's router still enforces the size limit the producer is set up for.
+            self._router.max_envelope_bytes = self._limits.max_envelope_bytes
         self._queue: BoundedEventQueue[_Outgoing] = BoundedEventQueue(self._router.config.queue_capacity)
         self._counts = _Counts()
         self._counts_lock = threading.Lock()
@@ -223,8 +229,18 @@ class PlanPublisher:
     # -- internals ---------------------------------------------------------------
 
     def _dead_letter(self, rejection: Rejection, source: Source) -> OutRecord:
+        # A reject larger than the DLQ carries goes truncated, with its size and sha256.
+        value, truncation = fit_value(rejection.raw, self._limits.max_envelope_bytes)
+        if truncation:
+            logger.warning(
+                "reject of %d bytes (%s) truncated to %d bytes for the DLQ%s",
+                len(rejection.raw),
+                rejection.reason.value,
+                len(value),
+                f" ({source.file}:{source.line})" if source.file else "",
+            )
         letter = DeadLetter(
-            value=rejection.raw,
+            value=value,
             key=None,
             reason=rejection.reason,
             field=rejection.field,
@@ -232,10 +248,10 @@ class PlanPublisher:
             stage="router",
             source_file=source.file,
         )
-        headers = letter.headers()
+        headers = letter.headers() + truncation
         if source.line is not None:
             headers.append((H_SOURCE_LINE, str(source.line).encode()))
-        return OutRecord(self._settings.dlq_topic, None, rejection.raw, tuple(headers))
+        return OutRecord(self._settings.dlq_topic, None, value, tuple(headers))
 
     def _record(self, item: _Outgoing) -> OutRecord:
         decision = item.decision

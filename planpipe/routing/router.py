@@ -167,11 +167,27 @@ def _no_regression_candidates() -> Container[str]:
     return frozenset()
 
 
+def envelope_too_large(size: int, limit: int) -> ContractViolation:
+    """An envelope larger than Kafka is configured to carry (`SizeLimits.max_envelope_bytes`).
+
+    Reported as `plan_too_large` with no field: the plan limit is what sizes the
+    envelope limit (2 x PLANPIPE_MAX_PLAN_BYTES + 1 MiB for the other fields), and
+    the replay job already parks that reason.
+    """
+    return ContractViolation(
+        Reason.PLAN_TOO_LARGE,
+        None,
+        f"envelope is {size} bytes > limit {limit} (2 x PLANPIPE_MAX_PLAN_BYTES + 1 MiB)",
+    )
+
+
 class Router:
     """Decode, validate, route, prioritise, key and sample one message at a time.
 
     `regression_candidates` is called once per message, so it must be cheap:
     return a set that is refreshed elsewhere, not a database query.
+    `max_envelope_bytes` (None: no check) bounds the raw envelope before it is
+    decoded, so nothing reaches the producer that Kafka is not set up to carry.
     """
 
     def __init__(
@@ -180,10 +196,12 @@ class Router:
         *,
         decoder: EnvelopeDecoder | None = None,
         regression_candidates: Callable[[], Container[str]] = _no_regression_candidates,
+        max_envelope_bytes: int | None = None,
     ) -> None:
         self.config = config if config is not None else DEFAULT_CONFIG
         self.decoder = decoder if decoder is not None else EnvelopeDecoder()
         self._regression_candidates = regression_candidates
+        self.max_envelope_bytes = max_envelope_bytes
 
     def route_envelope(self, envelope: Envelope) -> RoutingDecision:
         """Route an already-decoded envelope (e.g. a corrected DLQ entry)."""
@@ -207,6 +225,8 @@ class Router:
         started = time.perf_counter_ns()
         try:
             try:
+                if self.max_envelope_bytes is not None and len(raw) > self.max_envelope_bytes:
+                    raise envelope_too_large(len(raw), self.max_envelope_bytes)
                 envelope = self.decoder.decode(raw)
             except ContractViolation as violation:
                 _DROPPED_SCHEMA.inc()

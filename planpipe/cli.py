@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 from collections.abc import Callable, Sequence
 
 from planpipe.settings import REPO_ROOT, Settings, load_settings
@@ -154,6 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    from planpipe.redact import mask_text
     from planpipe.stack.errors import StackError
 
     settings = load_settings()
@@ -161,7 +163,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         handler: Handler = getattr(args, "handler", None) or _COMMANDS[args.command]
         return handler(args, settings)
     except StackError as error:
-        print(f"planpipe {args.command}: {error}", file=sys.stderr)
+        print(f"planpipe {args.command}: {mask_text(str(error))}", file=sys.stderr)
+        if error.details:
+            print(textwrap.indent(mask_text(error.details), "  | "), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

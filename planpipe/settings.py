@@ -16,7 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
+from planpipe.redact import mask_dsn, mask_kafka_config
+
 REPO_ROOT: Final = Path(__file__).resolve().parent.parent
+
+# Local service ports stay below 32768, outside Linux's ephemeral range (32768–60999): a
+# client's source port can never take them, so `up` right after `down` always binds.
+DEFAULT_KAFKA_PORT: Final = 19092  # controller: port + 1
+DEFAULT_PG_PORT: Final = 15432
 
 _PASSTHROUGH_PREFIXES: Final = {
     "PLANPIPE_KAFKA__": "common",
@@ -86,6 +93,15 @@ class Settings:
     producer_overrides: dict[str, str] = field(default_factory=dict)
     consumer_overrides: dict[str, str] = field(default_factory=dict)
 
+    def __repr__(self) -> str:  # the dataclass repr would show DSN passwords and SASL secrets
+        shown = {
+            name: mask_dsn(value) if name.endswith("dsn") and isinstance(value, str) else value
+            for name, value in self.__dict__.items()
+        }
+        shown["producer_overrides"] = mask_kafka_config(self.producer_overrides)
+        shown["consumer_overrides"] = mask_kafka_config(self.consumer_overrides)
+        return f"Settings({', '.join(f'{name}={value!r}' for name, value in shown.items())})"
+
     @property
     def dagster_home(self) -> Path:
         return self.home / "dagster_home"
@@ -98,8 +114,8 @@ class Settings:
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     env = os.environ if environ is None else environ
     home = Path(_env(env, "PLANPIPE_HOME", str(REPO_ROOT / ".planpipe"))).resolve()
-    kafka_port = _env_int(env, "PLANPIPE_KAFKA_PORT", 39092)
-    pg_port = _env_int(env, "PLANPIPE_PG_PORT", 55432)
+    kafka_port = _env_int(env, "PLANPIPE_KAFKA_PORT", DEFAULT_KAFKA_PORT)
+    pg_port = _env_int(env, "PLANPIPE_PG_PORT", DEFAULT_PG_PORT)
     external_bootstrap = env.get("PLANPIPE_KAFKA_BOOTSTRAP", "").strip()
     external_dsn = env.get("PLANPIPE_PG_DSN", "").strip()
     local_dsn = f"postgresql://postgres@127.0.0.1:{pg_port}/planpipe"
@@ -139,7 +155,7 @@ def _with_database(dsn: str, database: str) -> str:
     head, sep, query = dsn.partition("?")
     scheme, slashes, rest = head.partition("://")
     if not slashes:
-        raise ValueError(f"PostgreSQL DSN must be a URL (postgresql://…), got {dsn!r}")
+        raise ValueError(f"PostgreSQL DSN must be a URL (postgresql://…), got {mask_dsn(dsn)!r}")
     authority = rest.split("/", 1)[0]
     return f"{scheme}://{authority}/{database}{sep}{query}"
 

@@ -1,7 +1,9 @@
 """Test fixtures. Unit tests need nothing; integration tests get the real local stack.
 
 The stack for tests lives in its own PLANPIPE_HOME and ports, so it never touches
-the development stack. It is started once per session (a few seconds) and
+the development stack. Ports are free ones below 32768 unless PLANPIPE_KAFKA_PORT /
+PLANPIPE_PG_PORT say otherwise; they are recorded in the test home so a kept stack is
+found again (planpipe_tests/ports.py). It is started once per session (a few seconds) and
 stopped at the end unless it was already running (PLANPIPE_TEST_KEEP_STACK=1
 keeps it for faster reruns).
 """
@@ -17,6 +19,7 @@ import psycopg
 import pytest
 
 from planpipe.settings import REPO_ROOT, Settings, load_settings
+from planpipe_tests.ports import stack_ports
 
 if TYPE_CHECKING:
     import dagster as dg
@@ -25,8 +28,6 @@ if TYPE_CHECKING:
 
 TEST_ENV = {
     "PLANPIPE_HOME": str(REPO_ROOT / ".planpipe" / "test"),
-    "PLANPIPE_KAFKA_PORT": "39192",
-    "PLANPIPE_PG_PORT": "55532",
     "PLANPIPE_PARTITIONS": "6",
 }
 
@@ -47,6 +48,11 @@ def stack_settings() -> Iterator[Settings]:
 
     for key, value in TEST_ENV.items():
         os.environ.setdefault(key, value)
+    # Ports: PLANPIPE_*_PORT if set, else those recorded for a kept stack, else free ones below 32768.
+    home = load_settings().home
+    probe = load_settings({"PLANPIPE_HOME": str(home)})  # is_running looks at the home, not the ports
+    running = kafka.is_running(probe) or postgres.is_running(probe)
+    os.environ.update(stack_ports(home, os.environ, stack_running=running))
     settings = load_settings()
     was_running = kafka.is_running(settings) and postgres.is_running(settings)
     stack.up(settings)

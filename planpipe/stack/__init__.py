@@ -1,19 +1,28 @@
 """Start, stop and inspect the local services: Kafka, PostgreSQL and the Dagster instance home."""
 
+import logging
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
 
 from planpipe.db.migrate import migrate
-from planpipe.settings import REPO_ROOT, Settings
+from planpipe.redact import mask_dsn
+from planpipe.settings import Settings
 from planpipe.stack import kafka, postgres
-from planpipe.stack.errors import StackError
+from planpipe.stack.errors import StackError, make_dirs
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["StackError", "StackReport", "down", "status", "up"]
 
 
 @dataclass(frozen=True)
 class StackReport:
+    """What `up` prints: connection details with passwords masked (connect with Settings, not these)."""
+
     bootstrap_servers: str
     pg_dsn: str
     dagster_pg_dsn: str
@@ -27,32 +36,64 @@ class StackReport:
         return dict(self.__dict__)
 
 
+# The instance configuration lives beside this module, not in the repository root: `dagster dev`
+# and `dagster definitions validate` read ./dagster.yaml when DAGSTER_HOME is unset, and this one
+# needs PLANPIPE_DAGSTER_PG_DSN, which only `planpipe up`/`planpipe dev` provide.
+DAGSTER_YAML: Final = Path(__file__).with_name("dagster.yaml")
+
+
 def prepare_dagster_home(settings: Settings) -> None:
-    """The instance home holds a copy of the repository's dagster.yaml (PostgreSQL storage)."""
+    """The instance home holds a copy of planpipe's dagster.yaml (PostgreSQL storage)."""
     settings.dagster_home.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(REPO_ROOT / "dagster.yaml", settings.dagster_home / "dagster.yaml")
+    shutil.copyfile(DAGSTER_YAML, settings.dagster_home / "dagster.yaml")
 
 
 def up(settings: Settings) -> StackReport:
-    """Idempotent: starts what is not running, creates what is missing, changes nothing else."""
+    """Idempotent: starts what is not running, creates what is missing, changes nothing else.
+
+    When a step fails, the services this call started are stopped again before the error
+    propagates: a failed `up` leaves the machine as it found it (data directories aside).
+    """
     started = time.monotonic()
-    settings.home.mkdir(parents=True, exist_ok=True)
+    created = make_dirs(settings.home)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    postgres.start(settings)
-    applied = migrate(settings.pg_dsn)
-    kafka.start(settings)
-    topics = kafka.ensure_topics(settings)
-    prepare_dagster_home(settings)
+    started_here: list[tuple[str, Callable[[Settings], bool]]] = []
+    try:
+        if postgres.start(settings, created):
+            started_here.append(("PostgreSQL", postgres.stop))
+        applied = migrate(settings.pg_dsn)
+        if kafka.start(settings):
+            started_here.append(("Kafka", kafka.stop))
+        topics = kafka.ensure_topics(settings)
+        prepare_dagster_home(settings)
+    except BaseException as error:
+        stopped = _stop_quietly(settings, started_here)
+        if stopped and isinstance(error, StackError):
+            raise StackError(f"{error}; stopped {' and '.join(stopped)} again", error.details) from error
+        raise
     return StackReport(
         bootstrap_servers=settings.kafka_bootstrap,
-        pg_dsn=settings.pg_dsn,
-        dagster_pg_dsn=settings.dagster_pg_dsn,
+        pg_dsn=mask_dsn(settings.pg_dsn),
+        dagster_pg_dsn=mask_dsn(settings.dagster_pg_dsn),
         dagster_home=str(settings.dagster_home),
         data_dir=str(settings.data_dir),
         topics=topics,
         migrations_applied=applied,
         seconds=round(time.monotonic() - started, 2),
     )
+
+
+def _stop_quietly(settings: Settings, started: list[tuple[str, Callable[[Settings], bool]]]) -> list[str]:
+    """Stop what a failed `up` started, newest first; a failure here must not hide the first error."""
+    stopped = []
+    for name, stop in reversed(started):
+        try:
+            stop(settings)
+        except Exception:
+            logger.exception("could not stop %s after a failed start", name)
+            continue
+        stopped.append(name)
+    return stopped
 
 
 def down(settings: Settings) -> dict[str, bool]:

@@ -26,8 +26,9 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
 )
 
 from planpipe.kafka_config import admin_config, size_limits
+from planpipe.redact import mask_kafka_config
 from planpipe.settings import Settings
-from planpipe.stack.errors import StackError, pid_alive, tail
+from planpipe.stack.errors import StackError, pid_alive, require_free_ports, tail
 
 POM_DIR: Final = Path(__file__).parent / "kafka_pom"
 KAFKA_VERSION: Final = "4.1.1"
@@ -215,17 +216,25 @@ def broker_answers(settings: Settings, timeout_s: float = 3.0) -> bool:
     return bool(metadata.brokers)
 
 
-def start(settings: Settings, wait_s: float = 90.0) -> None:
-    """Format (first time) and start the broker, then wait until it answers metadata requests."""
+def start(settings: Settings, wait_s: float = 90.0) -> bool:
+    """Format (first time) and start the broker, then wait until it answers metadata requests.
+
+    Returns whether this call started it (False: external cluster, or already running).
+    """
     if settings.kafka_external:
-        return
+        return False
     paths = _paths(settings)
     if is_running(settings):
         if _wait_for_metadata(settings, wait_s, pid=read_pid(settings)):
-            return
+            return False
         raise StackError(
-            f"Kafka process is running but does not answer on {settings.kafka_bootstrap}.\n{tail(paths.log)}"
+            f"Kafka process is running but does not answer on {settings.kafka_bootstrap} (log: {paths.log})",
+            tail(paths.log),
         )
+    require_free_ports(
+        "Kafka",
+        {"PLANPIPE_KAFKA_PORT": settings.kafka_port, "PLANPIPE_KAFKA_CONTROLLER_PORT": settings.kafka_controller_port},
+    )
     ensure_jars(settings)
     paths.root.mkdir(parents=True, exist_ok=True)
     _write_properties(settings, paths)
@@ -244,8 +253,10 @@ def start(settings: Settings, wait_s: float = 90.0) -> None:
     if not _wait_for_metadata(settings, wait_s, pid=process.pid):
         stop(settings)
         raise StackError(
-            f"Kafka did not come up on {settings.kafka_bootstrap}.\n{tail(paths.stdout)}\n{tail(paths.log)}"
+            f"Kafka did not come up on {settings.kafka_bootstrap} (log: {paths.log})",
+            f"{tail(paths.stdout)}\n{tail(paths.log)}",
         )
+    return True
 
 
 def _storage_tool(settings: Settings, *args: str) -> str:
@@ -375,6 +386,10 @@ def status(settings: Settings) -> dict[str, object]:
         "bootstrap_servers": settings.kafka_bootstrap,
         "external": settings.kafka_external,
         "pid": None if settings.kafka_external else read_pid(settings),
+        "client_options": {
+            "producer": mask_kafka_config(settings.producer_overrides),
+            "consumer": mask_kafka_config(settings.consumer_overrides),
+        },
         "answering": broker_answers(settings, timeout_s=2.0),
         "log": None if settings.kafka_external else str(_paths(settings).log),
     }

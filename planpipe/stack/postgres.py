@@ -9,14 +9,17 @@ creating process exits, while `planpipe up` must leave a TCP server running on
 import importlib.util
 import os
 import pwd
+import stat
 import subprocess
+from collections.abc import Collection
 from pathlib import Path
 from typing import Final
 
 import psycopg
 
+from planpipe.redact import mask_dsn
 from planpipe.settings import Settings, _with_database
-from planpipe.stack.errors import StackError, tail
+from planpipe.stack.errors import StackError, make_dirs, require_free_ports, tail
 
 # PostgreSQL refuses to run as root; when we are root the server runs as this user.
 SERVICE_USER: Final = "planpipe_pg"
@@ -79,7 +82,20 @@ def log_file(settings: Settings) -> Path:
     return settings.home / "postgres" / "server.log"
 
 
-def _prepare_ownership(settings: Settings) -> None:
+def _traversable(directory: Path, uid: int, gid: int) -> bool:
+    """Whether a process with exactly this uid and gid (no other groups) may enter `directory`."""
+    st = directory.stat()
+    if st.st_uid == uid:
+        return bool(st.st_mode & stat.S_IXUSR)
+    if st.st_gid == gid:
+        return bool(st.st_mode & stat.S_IXGRP)
+    return bool(st.st_mode & stat.S_IXOTH)
+
+
+def _prepare_ownership(settings: Settings, created: Collection[Path] = ()) -> None:
+    """As root, the server runs as SERVICE_USER: it owns `$PLANPIPE_HOME/postgres` and must be able
+    to enter every parent of it. planpipe opens up (o+x) only parents in `created`, the directories
+    this command made; any other directory is the user's, and its mode is never changed."""
     if not _root():
         return
     _ensure_service_user()
@@ -88,27 +104,33 @@ def _prepare_ownership(settings: Settings) -> None:
     for directory in (root, socket_dir(settings)):
         directory.mkdir(parents=True, exist_ok=True)
         os.chown(directory, entry.pw_uid, entry.pw_gid)
-    # The service user must be able to traverse every parent of the data directory.
-    for parent in root.parents:
-        mode = parent.stat().st_mode
-        if mode & 0o005 != 0o005:
-            parent.chmod(mode | 0o005)
+    for parent in reversed(root.parents):
+        if _traversable(parent, entry.pw_uid, entry.pw_gid):
+            continue
+        if parent in created:
+            parent.chmod(stat.S_IMODE(parent.stat().st_mode) | stat.S_IXOTH)
+            continue
+        mode = stat.S_IMODE(parent.stat().st_mode)
+        raise StackError(
+            f"PostgreSQL runs as user {SERVICE_USER} (it refuses root), which cannot enter {parent} "
+            f"(mode {mode:04o}); planpipe does not change directories it did not create: set PLANPIPE_HOME "
+            f"to a path other users can reach, or allow it yourself (chmod o+x {parent})"
+        )
 
 
-def initialize(settings: Settings) -> bool:
+def initialize(settings: Settings, created: Collection[Path] = ()) -> bool:
     """initdb once; returns True when a new cluster was created."""
     pgdata = data_dir(settings)
+    created = [*created, *make_dirs(socket_dir(settings))]
+    _prepare_ownership(settings, created)
     if (pgdata / "PG_VERSION").exists():
         return False
-    pgdata.parent.mkdir(parents=True, exist_ok=True)
-    socket_dir(settings).mkdir(parents=True, exist_ok=True)
-    _prepare_ownership(settings)
     result = _run(
         [str(binary("initdb")), "-D", str(pgdata), "-U", "postgres", "--auth=trust", "--encoding=UTF8",
          "--no-instructions", "--no-sync"]
     )  # fmt: skip
     if result.returncode != 0:
-        raise StackError(f"initdb failed:\n{tail(result.stdout + result.stderr)}")
+        raise StackError("PostgreSQL: initdb failed", tail(result.stdout + result.stderr))
     with (pgdata / "postgresql.conf").open("a") as conf:
         conf.write("\n# planpipe local stack\n")
         for key, value in SERVER_SETTINGS.items():
@@ -123,11 +145,17 @@ def is_running(settings: Settings) -> bool:
     return result.returncode == 0
 
 
-def start(settings: Settings) -> None:
+def start(settings: Settings, created: Collection[Path] = ()) -> bool:
+    """Start the local server unless it runs already; returns whether this call started it.
+
+    `created`: directories the calling command created (see `_prepare_ownership`).
+    """
     if settings.pg_external:
-        return
-    initialize(settings)
+        return False
+    initialize(settings, created)
+    started = False
     if not is_running(settings):
+        require_free_ports("PostgreSQL", {"PLANPIPE_PG_PORT": settings.pg_port})
         options = f"-p {settings.pg_port} -k {socket_dir(settings)}"
         result = _run(
             [str(binary("pg_ctl")), "-D", str(data_dir(settings)), "-l", str(log_file(settings)),
@@ -135,10 +163,12 @@ def start(settings: Settings) -> None:
         )  # fmt: skip
         if result.returncode != 0:
             raise StackError(
-                f"PostgreSQL did not start on 127.0.0.1:{settings.pg_port}:\n"
-                f"{tail(result.stdout + result.stderr)}\n{tail(log_file(settings))}"
+                f"PostgreSQL did not start on 127.0.0.1:{settings.pg_port} (server log: {log_file(settings)})",
+                f"{tail(result.stdout + result.stderr)}\n{tail(log_file(settings))}",
             )
+        started = True
     ensure_databases(settings)
+    return started
 
 
 def ensure_databases(settings: Settings) -> None:
@@ -155,7 +185,7 @@ def stop(settings: Settings) -> bool:
         return False
     result = _run([str(binary("pg_ctl")), "-D", str(data_dir(settings)), "-m", "fast", "-w", "-t", "60", "stop"])
     if result.returncode != 0:
-        raise StackError(f"pg_ctl stop failed:\n{tail(result.stdout + result.stderr)}")
+        raise StackError("PostgreSQL: pg_ctl stop failed", tail(result.stdout + result.stderr))
     return True
 
 
@@ -170,8 +200,8 @@ def answers(dsn: str) -> bool:
 
 def status(settings: Settings) -> dict[str, object]:
     return {
-        "dsn": settings.pg_dsn,
-        "dagster_dsn": settings.dagster_pg_dsn,
+        "dsn": mask_dsn(settings.pg_dsn),
+        "dagster_dsn": mask_dsn(settings.dagster_pg_dsn),
         "external": settings.pg_external,
         "data_dir": None if settings.pg_external else str(data_dir(settings)),
         "answering": answers(settings.pg_dsn),

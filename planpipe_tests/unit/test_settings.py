@@ -5,12 +5,19 @@ from planpipe.settings import _with_database, librdkafka_passthrough, load_setti
 
 def test_defaults_point_at_the_local_stack() -> None:
     settings = load_settings({})
-    assert settings.kafka_bootstrap == "127.0.0.1:39092"
+    assert settings.kafka_bootstrap == "127.0.0.1:19092"
+    assert (settings.kafka_port, settings.kafka_controller_port, settings.pg_port) == (19092, 19093, 15432)
     assert not settings.kafka_external and not settings.pg_external
-    assert settings.pg_dsn.endswith("@127.0.0.1:55432/planpipe")
-    assert settings.dagster_pg_dsn == "postgresql+psycopg2://postgres@127.0.0.1:55432/dagster"
+    assert settings.pg_dsn.endswith("@127.0.0.1:15432/planpipe")
+    assert settings.dagster_pg_dsn == "postgresql+psycopg2://postgres@127.0.0.1:15432/dagster"
     assert (settings.topic, settings.dlq_topic) == ("query-plans", "query-plans.dlq")
     assert (settings.batch_max_messages, settings.batch_max_wait_s) == (500, 1.0)
+
+
+def test_default_ports_are_below_the_ephemeral_range() -> None:
+    # Linux gives client sockets source ports from 32768–60999 (net.ipv4.ip_local_port_range).
+    settings = load_settings({})
+    assert all(port < 32768 for port in (settings.kafka_port, settings.kafka_controller_port, settings.pg_port))
 
 
 def test_external_services_are_used_as_given() -> None:
@@ -53,3 +60,10 @@ def test_bad_numbers_name_the_variable() -> None:
 def test_dsn_must_be_a_url() -> None:
     with pytest.raises(ValueError, match="URL"):
         _with_database("host=db dbname=x", "dagster")
+
+
+def test_a_bad_dsn_is_named_without_its_password() -> None:
+    with pytest.raises(ValueError, match="URL") as error:
+        load_settings({"PLANPIPE_PG_DSN": "host=db user=u password=pg-secret dbname=x"})
+    assert "pg-secret" not in str(error.value)
+    assert "password=***" in str(error.value)

@@ -5,6 +5,7 @@ import contextlib
 import os
 import signal
 import sys
+import textwrap
 import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -14,12 +15,15 @@ import psycopg
 
 from planpipe.capture.autoexplain import AutoExplainReader, LogFormat, cluster_id_near, print_messages
 from planpipe.capture.explain import (
+    DEFAULT_DML_MODE,
     DEFAULT_STATEMENT_TIMEOUT_MS,
+    DML_MODES,
     capture_workload,
     connect,
     print_progress,
     server_cluster_id,
 )
+from planpipe.capture.safety import DEFAULT_DENY, ENV_ALLOW, ENV_DENY, FunctionPolicy, SuperuserRefused
 from planpipe.contract import Envelope, encode_envelope
 from planpipe.settings import Settings
 
@@ -75,9 +79,15 @@ def _explain(args: argparse.Namespace, settings: Settings) -> int:
                 repeat=args.repeat,
                 cluster_id=args.cluster_id,
                 statement_timeout_ms=args.statement_timeout,
+                allow_superuser=args.allow_superuser,
+                policy=FunctionPolicy.build(deny=args.deny_function, allow=args.allow_function),
+                dml=args.dml,
                 on_envelope=emit,
                 on_progress=None if args.quiet else print_progress,
             )
+    except SuperuserRefused as error:
+        print(f"planpipe capture explain: {error}", file=sys.stderr)
+        return 2
     except psycopg.OperationalError as error:
         print(f"planpipe capture explain: cannot connect: {error}", file=sys.stderr)
         return 2
@@ -153,7 +163,9 @@ def add_parsers(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> N
 
     p = stages.add_parser(
         "explain",
-        help="run a workload under EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON); DML is rolled back, DDL never runs",
+        help="run a workload's SELECTs under EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON); DML is planned, DDL never runs",
+        description=EXPLAIN_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--dsn", help="target PostgreSQL (default: PLANPIPE_PG_DSN / the local stack)")
     p.add_argument("--workload", required=True, metavar="FILE.sql", help="SQL statements separated by ';' (- = stdin)")
@@ -163,6 +175,16 @@ def add_parsers(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> N
                    help=f"per statement, 0 = none (default {DEFAULT_STATEMENT_TIMEOUT_MS})")  # fmt: skip
     p.add_argument("--output", default="-", metavar="FILE.jsonl|-", help="envelopes, one per line (default stdout)")
     p.add_argument("--quiet", action="store_true", help="no per-statement progress on stderr")
+    p.add_argument("--allow-superuser", action="store_true",
+                   help="capture even when connected as a superuser (refused by default)")  # fmt: skip
+    p.add_argument("--dml", choices=DML_MODES, default=os.environ.get("PLANPIPE_CAPTURE_DML", DEFAULT_DML_MODE),
+                   help="INSERT/UPDATE/DELETE/MERGE: plan = EXPLAIN without ANALYZE (default), analyze = execute "
+                        "and roll back, skip (env PLANPIPE_CAPTURE_DML)")  # fmt: skip
+    p.add_argument("--deny-function", action="append", default=[], metavar="GLOB",
+                   help=f"refuse statements calling matching functions, on top of the defaults (env {ENV_DENY}, "
+                        "comma-separated); 'name*' or 'schema.name'")  # fmt: skip
+    p.add_argument("--allow-function", action="append", default=[], metavar="GLOB",
+                   help=f"allow matching functions even when denied or not checkable (env {ENV_ALLOW})")  # fmt: skip
     p.set_defaults(handler=_explain)
 
     p = stages.add_parser("autoexplain", help="read auto_explain JSON plans from server logs (jsonlog, csvlog, stderr)")
@@ -182,6 +204,26 @@ def add_parsers(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> N
                    help="zone for timestamps with an ambiguous zone abbreviation (log_timezone)")  # fmt: skip
     p.add_argument("--poll-interval", type=float, default=0.5, metavar="S")
     p.set_defaults(handler=_autoexplain)
+
+
+EXPLAIN_DESCRIPTION = f"""\
+Run each statement of a workload under EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) and write envelopes.
+
+Privileges: connect as a role that is NOT a superuser (refused unless --allow-superuser), e.g.
+  CREATE ROLE planpipe_capture LOGIN PASSWORD '...';
+  GRANT pg_read_all_data TO planpipe_capture;   -- SELECT on every table
+  GRANT pg_read_all_stats TO planpipe_capture;  -- only if the workload reads pg_stat_statements
+Such a role cannot signal other roles' sessions or create replication slots.
+
+Statements are parsed with PostgreSQL's parser. SELECTs run in a READ ONLY transaction that is
+rolled back; DML is planned only (--dml); DDL and utility statements are skipped. A statement
+calling a function with effects outside the transaction, in its text, a view it reads, a
+row-level-security policy or a SQL function it calls, is refused and listed as skipped with
+the reason. Denied by default:
+{textwrap.fill(", ".join(DEFAULT_DENY), width=96, initial_indent="  ", subsequent_indent="  ")}
+A non-built-in function not written in SQL (PL/pgSQL, C, ...) cannot be checked: refused
+unless --allow-function names it.
+"""
 
 
 def _positive(raw: str) -> int:

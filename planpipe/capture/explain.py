@@ -1,19 +1,35 @@
 """Live capture: run a workload under `EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON)` and build envelopes.
 
-Safety rules, per statement (see `sqltext.classify`):
+Who runs it: a role that is not a superuser. Capture refuses a superuser
+(`SuperuserRefused`) unless `allow_superuser` is set. What the role needs:
+`pg_read_all_data` (SELECT on every table), plus `pg_read_all_stats` when the
+workload reads pg_stat_statements or other statistics views; nothing else.
 
+Safety rules, per statement (see `sqltext.classify` and `safety`):
+
+* The statement is parsed with PostgreSQL's own parser (pglast). Text that
+  does not parse is reported as failed (42601) and never sent.
+* A statement that calls a function on the deny list — in its own text, in a
+  view it reads, in a row-level-security policy or in a SQL function it calls
+  — is refused and reported as skipped with the reason (`safety`).
 * SELECT (and VALUES/TABLE, or WITH without data modification) runs in a
   `READ ONLY` transaction, so a volatile function cannot write either.
-* DML (INSERT/UPDATE/DELETE/MERGE, a WITH containing one, and SELECT … FOR
-  UPDATE/SHARE, which a read-only transaction refuses) runs in a transaction
-  that is always rolled back. Rollback cannot undo non-transactional effects:
-  sequence increments (`nextval`, serial columns), session-level advisory
-  locks, and anything a function does outside the database (dblink, files).
+* SELECT … FOR UPDATE/SHARE (refused by a read-only transaction) runs in a
+  read-write transaction that is always rolled back.
+* DML (INSERT/UPDATE/DELETE/MERGE, or a WITH containing one): by default
+  (`dml="plan"`) planned with `EXPLAIN (FORMAT JSON)`, never executed —
+  triggers, column defaults (`serial` → `nextval`) and foreign-key actions
+  are invisible in the text and a rollback does not undo sequence increments.
+  `dml="analyze"` executes it under EXPLAIN ANALYZE in a transaction that is
+  always rolled back (the old behaviour); `dml="skip"` leaves it out.
 * CREATE TABLE AS / SELECT INTO / CREATE MATERIALIZED VIEW AS get a plain
-  `EXPLAIN (FORMAT JSON)` — planned, never executed — with query_type "DDL",
-  `actual_rows` 0 and `total_time_ms` 0 (there is no execution to measure).
+  `EXPLAIN (FORMAT JSON)` — planned, never executed — with query_type "DDL".
 * Any other DDL is never executed and, since EXPLAIN cannot plan it, skipped.
-* Utility statements (SET, VACUUM, EXPLAIN, psql meta-commands…) are skipped.
+* Utility statements (SET, VACUUM, EXPLAIN, COPY, DO, CALL, psql
+  meta-commands…) are skipped.
+
+A statement that is planned but not executed has `actual_rows` 0 and
+`total_time_ms` 0 (there is no execution to measure).
 
 Every transaction, including the read-only ones, ends in ROLLBACK and starts
 with `SET LOCAL statement_timeout`. Statements are sent with the extended query
@@ -46,17 +62,22 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, Literal, get_args
 
 import msgspec
 import psycopg
 from psycopg.types.string import TextBinaryLoader, TextLoader
 
+from planpipe.capture.safety import CatalogGuard, FunctionPolicy, check_role
 from planpipe.capture.sqltext import Statement, StatementKind, classify, split_statements, text_hash
 from planpipe.contract import Envelope
 
 DEFAULT_STATEMENT_TIMEOUT_MS: Final = 60_000
 APPLICATION_NAME: Final = "planpipe-capture"
+
+DmlMode = Literal["plan", "analyze", "skip"]
+DML_MODES: Final[tuple[str, ...]] = get_args(DmlMode)
+DEFAULT_DML_MODE: Final[DmlMode] = "plan"
 
 _SKIP_REASONS: Final = {
     StatementKind.DDL: "DDL is never executed, and EXPLAIN cannot plan it",
@@ -187,17 +208,35 @@ class ExplainCapturer:
         *,
         cluster_id: str | None = None,
         statement_timeout_ms: int = DEFAULT_STATEMENT_TIMEOUT_MS,
+        allow_superuser: bool = False,
+        policy: FunctionPolicy | None = None,
+        dml: DmlMode = DEFAULT_DML_MODE,
     ) -> None:
         if statement_timeout_ms < 0:
             raise ValueError("statement_timeout_ms must be >= 0 (0 disables the timeout)")
+        if dml not in DML_MODES:
+            raise ValueError(f"dml must be one of {', '.join(DML_MODES)}")
         self.dsn = dsn
         self.statement_timeout_ms = int(statement_timeout_ms)
+        self.allow_superuser = allow_superuser
+        self.dml: DmlMode = dml
+        self._guard = CatalogGuard(policy or FunctionPolicy.build())
         self._conn: psycopg.Connection[tuple[Any, ...]] | None = None
-        self.cluster_id = cluster_id or server_cluster_id(self._connection())
+        try:
+            self.cluster_id = cluster_id or server_cluster_id(self._connection())
+        except BaseException:
+            self.close()
+            raise
 
     def _connection(self) -> psycopg.Connection[tuple[Any, ...]]:
         if self._conn is None or self._conn.closed or self._conn.broken:
-            self._conn = connect(self.dsn)
+            conn = connect(self.dsn)
+            try:
+                check_role(conn, allow_superuser=self.allow_superuser)
+            except BaseException:
+                conn.close()
+                raise
+            self._conn = conn
         return self._conn
 
     def close(self) -> None:
@@ -214,14 +253,21 @@ class ExplainCapturer:
     def capture(self, statement: Statement) -> Outcome:
         classification = classify(statement.text)
         kind = classification.kind
+        if classification.verb == "\\":
+            return Skipped(statement, "\\", "psql/pgbench meta-command")
+        if classification.error is not None:
+            return Failed(statement, f"42601: does not parse: {classification.error}", "42601")
         if kind in _SKIP_REASONS:
             reason = _SKIP_REASONS[kind]
             if classification.verb == "EXPLAIN":
                 reason = "already an EXPLAIN statement"
-            elif classification.verb == "\\":
-                reason = "psql/pgbench meta-command"
             return Skipped(statement, classification.verb, reason)
+        if kind is StatementKind.DML and self.dml == "skip":
+            return Skipped(statement, classification.verb, "DML is not captured (--dml skip)")
         try:
+            refusal = self._guard.refusal(self._connection(), statement.text, classification)
+            if refusal is not None:
+                return Skipped(statement, classification.verb, f"refused: {refusal}")
             return self._run(statement, kind)
         except psycopg.Error as error:
             message, sqlstate = _describe(error)
@@ -231,7 +277,10 @@ class ExplainCapturer:
 
     def _run(self, statement: Statement, kind: StatementKind) -> Envelope:
         conn = self._connection()
-        read_only = kind in (StatementKind.SELECT, StatementKind.CTAS)
+        executed = kind is not StatementKind.CTAS and (kind is not StatementKind.DML or self.dml == "analyze")
+        # Only what executes with write access needs a read-write transaction; EXPLAIN without
+        # ANALYZE plans DML in a read-only one.
+        read_only = not executed or kind is StatementKind.SELECT
         conn.execute("BEGIN READ ONLY" if read_only else "BEGIN")
         try:
             conn.execute(f"SET LOCAL statement_timeout = {self.statement_timeout_ms}")
@@ -240,14 +289,11 @@ class ExplainCapturer:
                 # Plain EXPLAIN VERBOSE plans without executing: it only yields the query identifier.
                 query_id = query_identifier(first_entry(_explain(conn, "VERBOSE, FORMAT JSON", statement.text)))
             executed_at = time.time()
-            if kind is StatementKind.CTAS:
-                plan_text = _explain(conn, "FORMAT JSON", statement.text)
-            else:
-                plan_text = _explain(conn, "ANALYZE, BUFFERS, FORMAT JSON", statement.text)
+            options = "ANALYZE, BUFFERS, FORMAT JSON" if executed else "FORMAT JSON"
+            plan_text = _explain(conn, options, statement.text)
         finally:
             self._rollback(conn)
         entry = first_entry(plan_text)
-        executed = kind is not StatementKind.CTAS
         execution_ms = entry.get("Execution Time", 0.0) if executed else 0.0
         if not isinstance(execution_ms, int | float) or isinstance(execution_ms, bool):
             raise PlanShapeError("Execution Time is not a number")
@@ -284,6 +330,9 @@ def capture_workload(
     repeat: int = 1,
     cluster_id: str | None = None,
     statement_timeout_ms: int = DEFAULT_STATEMENT_TIMEOUT_MS,
+    allow_superuser: bool = False,
+    policy: FunctionPolicy | None = None,
+    dml: DmlMode = DEFAULT_DML_MODE,
     on_envelope: Callable[[Envelope], None] | None = None,
     on_progress: ProgressCallback | None = None,
 ) -> CaptureReport:
@@ -298,7 +347,14 @@ def capture_workload(
     report = CaptureReport(statements=len(statements), repeat=repeat)
     total = len(statements) * repeat
     done = 0
-    with ExplainCapturer(dsn, cluster_id=cluster_id, statement_timeout_ms=statement_timeout_ms) as capturer:
+    with ExplainCapturer(
+        dsn,
+        cluster_id=cluster_id,
+        statement_timeout_ms=statement_timeout_ms,
+        allow_superuser=allow_superuser,
+        policy=policy,
+        dml=dml,
+    ) as capturer:
         for run in range(repeat):
             for statement in statements:
                 outcome = capturer.capture(statement)

@@ -1,11 +1,13 @@
-"""SQL text handling shared by both capture paths: lexing, splitting, classifying, hashing.
+"""SQL text handling shared by both capture paths: splitting, classifying, hashing.
 
-The lexer follows PostgreSQL's own lexical rules closely enough for three jobs:
-split a workload file into statements (psql-like: `;` ends a statement unless it
-is inside a string, quoted identifier, dollar quote, comment or a
-`BEGIN ATOMIC … END` function body), classify a statement so capture knows how
-safely it may run, and normalize a statement into a fingerprint text for the
-fallback query hash. It is not a parser: classification looks only at keywords.
+Splitting and classification use PostgreSQL's own scanner and parser through
+pglast (libpg_query, the parser pganalyze uses): a workload is split psql-like
+(`;` ends a statement unless it is inside a string, quoted identifier, dollar
+quote, comment or a `BEGIN ATOMIC … END` routine body; a backslash command
+stands alone), and each statement is parsed to learn what it is (SELECT, DML,
+CREATE TABLE AS, DDL, utility) and which functions and relations it touches
+anywhere in its tree: subqueries, CTEs, LATERAL, nested calls. The capture
+agent decides from that how safely a statement may run (see `capture.safety`).
 
 Fallback query hash (used when the server does not give a query identifier):
 `sha256(normalize_statement(text)).hexdigest()`, where normalization drops
@@ -13,7 +15,10 @@ comments, lowercases unquoted words (PostgreSQL folds them anyway), replaces
 every constant and `$n` parameter with `?`, folds a leading minus into the
 constant, squashes constant lists in `IN (…)` / `ARRAY[…]` to one `?` (as
 PostgreSQL 18's query jumbling does), drops trailing semicolons and joins the
-tokens with single spaces.
+tokens with single spaces. The small tokenizer below exists only for this
+hash: it defines the hash's token boundaries (one token per punctuation
+character), and changing them would change every stored fallback hash and
+split existing baselines in two.
 """
 
 import enum
@@ -22,6 +27,9 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Final
+
+import pglast
+from pglast import ast, enums
 
 
 class Tok(enum.Enum):
@@ -164,69 +172,115 @@ class Statement:
     line: int  # 1-based line of its first significant character
 
 
-def _upper_words(tokens: list[Token]) -> list[str]:
-    return [t.text.upper() for t in tokens if t.kind is Tok.WORD]
+# -- splitting: PostgreSQL's scanner ------------------------------------------------
+
+_SCAN_COMMENTS: Final = frozenset({"SQL_COMMENT", "C_COMMENT"})
+_SEMICOLON: Final = "ASCII_59"
+_BACKSLASH: Final = "ASCII_92"
+_OPEN_PAREN: Final = "ASCII_40"
+_REST: Final = "REST"  # pseudo token: what follows a scanner error (an unterminated literal)
 
 
-def _is_routine_definition(significant: list[Token]) -> bool:
+@dataclass(frozen=True, slots=True)
+class _Lexeme:
+    start: int
+    end: int  # exclusive
+    name: str
+
+
+def _scan(text: str) -> list[_Lexeme]:
+    """PostgreSQL's scanner; an unscannable tail (unterminated literal) becomes one `REST` token."""
+    try:
+        return [_Lexeme(t.start, t.end + 1, t.name) for t in pglast.parser.scan(text)]
+    except pglast.parser.ParseError as error:
+        location = error.args[1] if len(error.args) > 1 and isinstance(error.args[1], int) else 0
+        head = _scan(text[:location]) if 0 < location < len(text) else []
+        return [*head, _Lexeme(location, len(text), _REST)]
+
+
+def _is_routine_definition(head: list[str]) -> bool:
     """CREATE [OR REPLACE] FUNCTION|PROCEDURE: its SQL-standard body may hold `;`."""
-    words = _upper_words(significant[:5])
-    if not words or words[0] != "CREATE":
+    if head[:1] != ["CREATE"]:
         return False
-    rest = words[1:]
-    if rest[:2] == ["OR", "REPLACE"]:
-        rest = rest[2:]
+    rest = head[3:] if head[1:3] == ["OR", "REPLACE"] else head[1:]
     return bool(rest) and rest[0] in ("FUNCTION", "PROCEDURE")
 
 
 def split_statements(text: str) -> list[Statement]:
-    """Split a workload the way psql would; comment-only pieces are dropped."""
+    """Split a workload the way psql would; comment-only pieces are dropped.
+
+    Tokens come from PostgreSQL's own scanner (strings, quoted identifiers,
+    dollar quotes, nested comments); `;` ends a statement except inside a
+    `BEGIN ATOMIC … END` routine body, and a psql/pgbench backslash command at
+    the start of a statement runs to the end of its line.
+    """
     statements: list[Statement] = []
-    current: list[Token] = []
-    significant: list[Token] = []
-    atomic_depth = 0  # BEGIN ATOMIC … END nesting inside a routine definition
+    first: _Lexeme | None = None
+    last: _Lexeme | None = None
+    head: list[str] = []  # token names of the first few significant tokens
+    atomic_depth = 0
 
-    def flush() -> None:
-        nonlocal atomic_depth
-        if significant:
-            first, last = significant[0], significant[-1]
-            line = text.count("\n", 0, first.start) + 1
-            statements.append(Statement(text[first.start : last.end], len(statements), line))
-        current.clear()
-        significant.clear()
-        atomic_depth = 0
+    def emit(start: int, end: int) -> None:
+        line = text.count("\n", 0, start) + 1
+        statements.append(Statement(text[start:end], len(statements), line))
 
-    for token in tokenize(text):
-        if token.kind is Tok.META:
-            flush()  # a meta-command stands alone, like in psql
-            significant.append(token)
-            flush()
+    tokens = _scan(text)
+    i = 0
+    while i < len(tokens):
+        token = tokens[i]
+        i += 1
+        if token.name in _SCAN_COMMENTS:
             continue
-        if token.kind is Tok.SEMI and atomic_depth == 0:
-            flush()
+        if token.name == _BACKSLASH and first is None:
+            newline = text.find("\n", token.start)
+            end = len(text) if newline < 0 else newline
+            emit(token.start, len(text[:end].rstrip()))
+            while i < len(tokens) and tokens[i].start < end:
+                i += 1
             continue
-        current.append(token)
-        if token.kind in _INSIGNIFICANT:
+        if token.name == _SEMICOLON and atomic_depth == 0:
+            if first is not None and last is not None:
+                emit(first.start, last.end)
+            first = last = None
+            head = []
             continue
-        significant.append(token)
-        if token.kind is Tok.WORD and _is_routine_definition(significant):
-            word = token.text.upper()
+        first = first or token
+        last = token
+        if len(head) < 5:
+            head.append(token.name)
+        if _is_routine_definition(head):
             # psql counts CASE too, since CASE … END would otherwise close the body early.
-            if word in ("BEGIN", "CASE"):
+            if token.name in ("BEGIN_P", "CASE"):
                 atomic_depth += 1
-            elif word == "END" and atomic_depth > 0:
+            elif token.name == "END_P" and atomic_depth > 0:
                 atomic_depth -= 1
-    flush()
+    if first is not None and last is not None:
+        emit(first.start, last.end)
     return statements
+
+
+def leading_word(text: str) -> str:
+    """The first keyword of a statement, upper case, past opening parentheses; `\\` for a meta-command."""
+    for token in _scan(text):
+        if token.name in _SCAN_COMMENTS or token.name == _OPEN_PAREN:
+            continue
+        if token.name == _BACKSLASH:
+            return "\\"
+        word = text[token.start : token.end]
+        return word.upper() if _WORD.fullmatch(word) else ""
+    return ""
+
+
+# -- classification: PostgreSQL's parser ----------------------------------------------
 
 
 class StatementKind(enum.Enum):
     SELECT = "select"  # read-only query: runs in a READ ONLY transaction
     LOCKING_SELECT = "locking_select"  # SELECT … FOR UPDATE/SHARE: read-write txn, rolled back
-    DML = "dml"  # INSERT/UPDATE/DELETE/MERGE (or a WITH that contains one): rolled back
+    DML = "dml"  # INSERT/UPDATE/DELETE/MERGE (or a WITH that contains one)
     CTAS = "ctas"  # CREATE TABLE AS / SELECT INTO / CREATE MATERIALIZED VIEW AS: plain EXPLAIN only
     DDL = "ddl"  # never executed, never explained
-    OTHER = "other"  # utility statements EXPLAIN cannot take
+    OTHER = "other"  # utility statements EXPLAIN cannot take, and text that does not parse
 
     @property
     def query_type(self) -> str:
@@ -243,91 +297,109 @@ _QUERY_TYPES: Final = {
 }
 
 
+@dataclass(frozen=True, slots=True, order=True)
+class QualifiedName:
+    """A function or relation as written: `schema` is None when the name is not qualified."""
+
+    schema: str | None
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.schema}.{self.name}" if self.schema else self.name
+
+
 @dataclass(frozen=True, slots=True)
 class Classification:
     kind: StatementKind
     verb: str  # the leading keyword, upper case ("" when there is none)
+    functions: frozenset[QualifiedName] = frozenset()  # every function call, anywhere in the tree
+    relations: frozenset[QualifiedName] = frozenset()  # tables and views referenced (CTE names excluded)
+    error: str | None = None  # why the text does not parse as exactly one statement
 
 
-_SELECT_VERBS: Final = frozenset({"SELECT", "VALUES", "TABLE"})
-_DML_VERBS: Final = frozenset({"INSERT", "UPDATE", "DELETE", "MERGE"})
+_DML_NODES: Final = (ast.InsertStmt, ast.UpdateStmt, ast.DeleteStmt, ast.MergeStmt)
+_CTAS_OBJECTS: Final = frozenset({enums.ObjectType.OBJECT_TABLE, enums.ObjectType.OBJECT_MATVIEW})
 _DDL_VERBS: Final = frozenset(
     {"CREATE", "ALTER", "DROP", "TRUNCATE", "COMMENT", "GRANT", "REVOKE", "SECURITY", "IMPORT", "REFRESH", "REASSIGN"}
 )
-_CTAS_TARGETS: Final = frozenset({"TABLE", "VIEW"})  # CREATE … TABLE … AS, CREATE MATERIALIZED VIEW … AS
-_QUERY_STARTS: Final = frozenset({"SELECT", "WITH", "VALUES", "TABLE", "EXECUTE"})
 
 
-def _significant(text: str) -> list[Token]:
-    return [t for t in tokenize(text) if t.kind not in _INSIGNIFICANT]
+def _names(nodes: tuple[ast.Node, ...] | None) -> list[str]:
+    return [n.sval for n in nodes or () if isinstance(n, ast.String) and n.sval is not None]
 
 
-def _has_locking_clause(words: list[str]) -> bool:
-    # FOR UPDATE | FOR NO KEY UPDATE | FOR SHARE | FOR KEY SHARE
-    return any(
-        w == "FOR" and i + 1 < len(words) and words[i + 1] in ("UPDATE", "SHARE", "NO", "KEY")
-        for i, w in enumerate(words)
-    )
+def _function_name(call: ast.FuncCall) -> QualifiedName | None:
+    parts = _names(call.funcname)
+    if not parts:
+        return None
+    # catalog.schema.name is legal when catalog is the current database: keep schema and name.
+    return QualifiedName(parts[-2] if len(parts) > 1 else None, parts[-1])
 
 
-def _has_data_modification(words: list[str]) -> bool:
-    for i, w in enumerate(words):
-        if w in ("INSERT", "DELETE", "MERGE"):
-            return True
-        # UPDATE after FOR / KEY is a locking clause, not a statement
-        if w == "UPDATE" and (i == 0 or words[i - 1] not in ("FOR", "KEY")):
-            return True
-    return False
-
-
-def _is_ctas(tokens: list[Token]) -> bool:
-    """CREATE [opts] TABLE|MATERIALIZED VIEW name … AS <query> with AS outside parentheses."""
-    words = _upper_words(tokens[:12])
-    head = words[: words.index("AS")] if "AS" in words else words
-    if not any(w in _CTAS_TARGETS for w in head):
-        return False
-    if "VIEW" in head and "MATERIALIZED" not in head:
-        return False  # plain views are not explainable
-    depth = 0
-    for i, t in enumerate(tokens):
-        if t.text in ("(", "["):
-            depth += 1
-        elif t.text in (")", "]"):
-            depth -= 1
-        elif depth == 0 and t.kind is Tok.WORD and t.text.upper() == "AS":
-            after = tokens[i + 1] if i + 1 < len(tokens) else None
-            return after is not None and (after.text == "(" or after.text.upper() in _QUERY_STARTS)
-    return False
+def _walk(root: ast.Node | tuple[ast.Node, ...]) -> Iterator[ast.Node]:
+    """Every node of a parse tree, the root included (subqueries, CTEs, LATERAL, nested calls)."""
+    pending: list[object] = [root]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, tuple):
+            pending.extend(item)
+        elif isinstance(item, ast.Node):
+            yield item
+            pending.extend(getattr(item, member) for member in item)
 
 
 def classify(text: str) -> Classification:
-    tokens = _significant(text)
-    if tokens and tokens[0].kind is Tok.META:
-        return Classification(StatementKind.OTHER, "\\")
-    while tokens and tokens[0].text == "(":  # (SELECT …) UNION (SELECT …)
-        tokens = tokens[1:]
-    if not tokens or tokens[0].kind is not Tok.WORD:
-        return Classification(StatementKind.OTHER, "")
-    verb = tokens[0].text.upper()
-    words = _upper_words(tokens)
-    if verb in _SELECT_VERBS or verb == "WITH":
-        if verb == "WITH" and _has_data_modification(words):
-            return Classification(StatementKind.DML, verb)
-        if "INTO" in words:  # SELECT … INTO new_table creates a table
-            return Classification(StatementKind.CTAS, verb)
-        if _has_locking_clause(words):
-            return Classification(StatementKind.LOCKING_SELECT, verb)
-        return Classification(StatementKind.SELECT, verb)
-    if verb in _DML_VERBS:
-        return Classification(StatementKind.DML, verb)
-    if verb == "CREATE" and _is_ctas(tokens):
-        return Classification(StatementKind.CTAS, verb)
+    """What the statement is and what it touches, from PostgreSQL's own parse tree."""
+    verb = leading_word(text)
+    if verb == "\\":
+        return Classification(StatementKind.OTHER, verb)
+    try:
+        parsed = pglast.parse_sql(text)
+    except pglast.parser.ParseError as error:
+        return Classification(StatementKind.OTHER, verb, error=str(error.args[0]) if error.args else str(error))
+    if not parsed or parsed[0].stmt is None:
+        return Classification(StatementKind.OTHER, verb)
+    # Several statements: described by the first (auto_explain logs a multi-statement query string
+    # whole), touching what any of them touches, and flagged: capture runs one statement at a time.
+    problem = f"{len(parsed)} statements where one was expected" if len(parsed) > 1 else None
+    root = parsed[0].stmt
+    functions: set[QualifiedName] = set()
+    relations: set[QualifiedName] = set()
+    ctes: set[str] = set()
+    modifies = locks = into = False
+    for node in _walk(tuple(raw.stmt for raw in parsed if raw.stmt is not None)):
+        if isinstance(node, ast.FuncCall):
+            if (name := _function_name(node)) is not None:
+                functions.add(name)
+        elif isinstance(node, ast.RangeVar) and node.relname:
+            relations.add(QualifiedName(node.schemaname or None, node.relname))
+        elif isinstance(node, ast.CommonTableExpr) and node.ctename:
+            ctes.add(node.ctename)
+        elif isinstance(node, _DML_NODES):
+            modifies = True
+        elif isinstance(node, ast.LockingClause):
+            locks = True
+        elif isinstance(node, ast.IntoClause):
+            into = True
+    relations = {r for r in relations if r.schema is not None or r.name not in ctes}
+    kind = _kind(root, verb, modifies=modifies, locks=locks, into=into)
+    return Classification(kind, verb, frozenset(functions), frozenset(relations), problem)
+
+
+def _kind(root: ast.Node | None, verb: str, *, modifies: bool, locks: bool, into: bool) -> StatementKind:
+    if isinstance(root, ast.SelectStmt):
+        if modifies:  # WITH x AS (DELETE … RETURNING …) SELECT …
+            return StatementKind.DML
+        if into:  # SELECT … INTO new_table creates a table
+            return StatementKind.CTAS
+        return StatementKind.LOCKING_SELECT if locks else StatementKind.SELECT
+    if isinstance(root, _DML_NODES):
+        return StatementKind.DML
+    if isinstance(root, ast.CreateTableAsStmt) and root.objtype in _CTAS_OBJECTS:
+        return StatementKind.CTAS
     if verb in _DDL_VERBS:
-        return Classification(StatementKind.DDL, verb)
-    return Classification(StatementKind.OTHER, verb)
-
-
-_EXPLAIN_OPTION_WORDS: Final = frozenset({"ANALYZE", "ANALYSE", "VERBOSE"})
+        return StatementKind.DDL
+    return StatementKind.OTHER
 
 
 def strip_explain(text: str) -> str:
@@ -336,18 +408,18 @@ def strip_explain(text: str) -> str:
     auto_explain logs the plan of an `EXPLAIN ANALYZE …` with the EXPLAIN in its
     query text; the statement inside is what should be classified.
     """
-    tokens = _significant(text)
-    if not tokens or tokens[0].text.upper() != "EXPLAIN":
+    tokens = [t for t in _scan(text) if t.name not in _SCAN_COMMENTS]
+    if not tokens or tokens[0].name != "EXPLAIN":
         return text
     i = 1
-    if i < len(tokens) and tokens[i].text == "(":
+    if i < len(tokens) and tokens[i].name == _OPEN_PAREN:
         depth = 0
         while i < len(tokens):
-            depth += {"(": 1, ")": -1}.get(tokens[i].text, 0)
+            depth += {_OPEN_PAREN: 1, "ASCII_41": -1}.get(tokens[i].name, 0)
             i += 1
             if depth == 0:
                 break
-    while i < len(tokens) and tokens[i].text.upper() in _EXPLAIN_OPTION_WORDS:
+    while i < len(tokens) and tokens[i].name in ("ANALYZE", "ANALYSE", "VERBOSE"):
         i += 1
     return text[tokens[i].start :] if i < len(tokens) else text
 
@@ -371,7 +443,9 @@ def _normalized_tokens(text: str) -> list[str]:
     out: list[str] = []
     sign: list[bool] = []  # parallel to `out`: is this a `-` that may be a constant's sign?
     prev: Token | None = None
-    for token in _significant(text):
+    for token in tokenize(text):
+        if token.kind in _INSIGNIFICANT:
+            continue
         if token.kind in _CONSTANTS:
             if sign and sign[-1]:
                 out.pop()  # -1 is one constant, as in pg_stat_statements

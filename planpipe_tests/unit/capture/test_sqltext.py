@@ -217,3 +217,84 @@ def test_normalized_form_and_hash_format() -> None:
     assert len(digest) == 64 and int(digest, 16) >= 0
     # Pinned: the hash must not change between releases, or baselines split in two.
     assert digest == text_hash("select 2") == "e1c71d1661ae46e09b7aaec1c390957f0d6260410df4e4bc71b9c8d681021471"
+
+
+# -- what PostgreSQL's parser sees: function calls and relations ------------------
+
+
+def _functions(sql: str) -> set[str]:
+    return {str(f) for f in classify(sql).functions}
+
+
+@pytest.mark.parametrize(
+    ("sql", "expected"),
+    [
+        ("SELECT pg_terminate_backend(42)", {"pg_terminate_backend"}),
+        ("SELECT pg_catalog.pg_terminate_backend(42)", {"pg_catalog.pg_terminate_backend"}),
+        ('SELECT "pg_catalog"."pg_terminate_backend"(42)', {"pg_catalog.pg_terminate_backend"}),
+        ("SELECT PG_TERMINATE_BACKEND(42)", {"pg_terminate_backend"}),  # unquoted names fold to lower case
+        ('SELECT "PG_TERMINATE_BACKEND"(42)', {"PG_TERMINATE_BACKEND"}),  # quoted: a different function
+        ("SELECT * FROM t WHERE a IN (SELECT pg_cancel_backend(pid) FROM s)", {"pg_cancel_backend"}),
+        ("WITH k AS (SELECT pg_terminate_backend(1)) SELECT * FROM k", {"pg_terminate_backend"}),
+        ("WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT nextval('s') FROM r) SELECT 1", {"nextval"}),
+        ("SELECT * FROM t, LATERAL (SELECT lo_unlink(t.o)) AS l", {"lo_unlink"}),
+        ("SELECT * FROM pg_create_physical_replication_slot('x')", {"pg_create_physical_replication_slot"}),
+        ("SELECT coalesce(abs(pg_advisory_lock(1)::int), 0)", {"abs", "pg_advisory_lock"}),  # nested
+        ("SELECT CASE WHEN a THEN upper(dblink_exec('c', 'x')) END FROM t", {"upper", "dblink_exec"}),
+        ("SELECT count(*) FILTER (WHERE f(a)) OVER (ORDER BY g(b)) FROM t", {"count", "f", "g"}),
+        ("SELECT 'pg_terminate_backend(1)', \"pg_terminate_backend\" FROM t", set()),  # a string, a column
+        ("SELECT 1 -- pg_terminate_backend(1)", set()),  # a comment
+        ("SELECT EXISTS (SELECT 1 FROM t WHERE t.x = ANY (SELECT setval('s', 1)))", {"setval"}),
+        ("SELECT * FROM (VALUES (pg_reload_conf())) v", {"pg_reload_conf"}),
+        ("SELECT app.fn(1) FROM app.t", {"app.fn"}),
+    ],
+)
+def test_function_calls_are_found_anywhere_in_the_tree(sql: str, expected: set[str]) -> None:
+    assert _functions(sql) == expected
+
+
+def test_relations_exclude_cte_names_and_keep_schemas() -> None:
+    found = classify('WITH x AS (SELECT * FROM public.a) SELECT * FROM x JOIN b ON true JOIN "Q"."V" ON true')
+    assert {str(r) for r in found.relations} == {"public.a", "b", "Q.V"}
+
+
+@pytest.mark.parametrize(
+    ("sql", "kind", "verb"),
+    [
+        ("DO $$ BEGIN PERFORM pg_terminate_backend(1); END $$", StatementKind.OTHER, "DO"),
+        ("CALL p()", StatementKind.OTHER, "CALL"),
+        ("COPY (SELECT 1) TO PROGRAM 'rm -rf /'", StatementKind.OTHER, "COPY"),
+        ("SELECT a INTO TEMP n FROM t", StatementKind.CTAS, "SELECT"),
+        ("SELECT * FROM t FOR SHARE OF t NOWAIT", StatementKind.LOCKING_SELECT, "SELECT"),
+        ("SELECT * FROM (SELECT * FROM t FOR UPDATE) s", StatementKind.LOCKING_SELECT, "SELECT"),
+        ("SELECT 'FOR UPDATE', 'INSERT' FROM t", StatementKind.SELECT, "SELECT"),  # keywords in strings
+        # the server refuses a data-modifying WITH below the top level; classified DML all the same
+        ("SELECT * FROM t WHERE x = (WITH d AS (DELETE FROM u RETURNING 1) SELECT 1)", StatementKind.DML, "SELECT"),
+    ],
+)
+def test_classify_with_the_parser(sql: str, kind: StatementKind, verb: str) -> None:
+    result = classify(sql)
+    assert (result.kind, result.verb, result.error) == (kind, verb, None)
+
+
+def test_text_that_does_not_parse_carries_the_parser_message() -> None:
+    result = classify("SELEC 1")
+    assert result.kind is StatementKind.OTHER and result.error is not None and "SELEC" in result.error
+    # pgbench variables are not SQL: the parser says so, before anything reaches the server
+    assert classify("SELECT abalance FROM pgbench_accounts WHERE aid = :aid").error is not None
+
+
+def test_several_statements_are_flagged_and_every_call_is_seen() -> None:
+    result = classify("SELECT 1; SELECT pg_terminate_backend(2)")
+    assert result.error == "2 statements where one was expected"
+    assert result.kind is StatementKind.SELECT and _functions("SELECT 1; SELECT pg_switch_wal()") == {"pg_switch_wal"}
+
+
+def test_splitting_a_workload_with_dangerous_calls_keeps_each_call_in_its_statement() -> None:
+    sql = "SELECT 1; SELECT pg_terminate_backend(7) /* ; */; SELECT * FROM pg_create_physical_replication_slot('x')"
+    statements = split_statements(sql)
+    assert [sorted(_functions(s.text)) for s in statements] == [
+        [],
+        ["pg_terminate_backend"],
+        ["pg_create_physical_replication_slot"],
+    ]

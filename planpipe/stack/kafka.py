@@ -373,7 +373,13 @@ def _alter_topic(client: AdminClient, name: str, cfg: dict[str, str], timeout_s:
             f"PLANPIPE_MAX_PLAN_BYTES needs, and planpipe could not raise it: {error}. "
             f"Set {MAX_MESSAGE_BYTES}>={needed} on the topic, or lower PLANPIPE_MAX_PLAN_BYTES."
         ) from error
-    after = _topic_config(client, name, timeout_s).get(MAX_MESSAGE_BYTES)
+    # The change reaches DescribeConfigs asynchronously (KRaft metadata): wait for it.
+    deadline = time.monotonic() + timeout_s
+    while True:
+        after = _topic_config(client, name, timeout_s).get(MAX_MESSAGE_BYTES)
+        if (after is not None and int(after) >= needed) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     if after is None or int(after) < needed:
         raise StackError(
             f"topic {name} still has {MAX_MESSAGE_BYTES}={after} after planpipe raised it to {needed} "

@@ -1,11 +1,17 @@
 """One PostgreSQL transaction per micro-batch: catalogs, baselines, rollups, stats and offsets.
 
-The transaction is the commit point of the whole pipeline. It first locks the
-offset rows of the batch's partitions and checks that each one still expects
-exactly the batch's first offset (a fence: if another consumer took the
-partition over and committed, this batch is stale and is rolled back). It then
-takes one advisory lock per query in a fixed order, so two consumers never
-deadlock; the time spent acquiring these locks is reported as lock wait.
+The transaction is the commit point of the whole pipeline. It first takes every
+lock it needs, in a fixed order, and times that phase as the batch's lock wait:
+the tables (ROW EXCLUSIVE, which waits behind `LOCK TABLE`, `ALTER TABLE`,
+`VACUUM FULL`), the offset rows of the batch's partitions, one advisory lock per
+query (so two consumers never deadlock), and the existing baseline and rollup
+rows of the batch (which waits behind a plan accept/reject). `lock_timeout`
+bounds each attempt; the engine retries and adds up the waits.
+
+The offset fence: a batch may start at or after the stored next offset (offsets
+have gaps — transaction markers, aborted transactions under read_committed,
+compaction, retention), but never before it. A batch that starts before it holds
+records another consumer already committed: it is stale and rolled back.
 """
 
 import json
@@ -14,6 +20,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Final
 
 import msgspec
 import psycopg
@@ -21,9 +28,25 @@ import psycopg
 from planpipe.ingest.batch import OffsetRange, PreparedBatch
 from planpipe.plans import latency
 
+LOCK_TIMEOUT_MS: Final = 5_000
+# Every table the batch writes, locked up front in one statement so the wait for a
+# table lock is measured rather than hidden inside whichever statement hits it.
+_TABLES: Final = (
+    "planpipe.consumer_offsets, planpipe.plan_catalog, planpipe.query_catalog, "
+    "planpipe.plan_baselines, planpipe.plan_rollups_hourly, planpipe.ingest_batches"
+)
+
 
 class StaleBatchError(RuntimeError):
     """The partition's stored offset moved on: another consumer committed these records."""
+
+
+class LockWaitTimeout(RuntimeError):
+    """`lock_timeout` expired while taking the batch's locks; the batch is retried."""
+
+    def __init__(self, waited_ms: float, detail: str) -> None:
+        super().__init__(f"lock wait exceeded {waited_ms:.0f} ms: {detail}")
+        self.waited_ms = waited_ms
 
 
 @dataclass(frozen=True)
@@ -98,7 +121,8 @@ def _merge_stored_histograms(
             """SELECT b.cluster_id, b.query_hash, b.fingerprint, b.latency_hist
                FROM planpipe.plan_baselines b
                JOIN unnest(%s::text[], %s::text[], %s::text[]) AS k(c, q, f)
-                 ON b.cluster_id = k.c AND b.query_hash = k.q AND b.fingerprint = k.f""",
+                 ON b.cluster_id = k.c AND b.query_hash = k.q AND b.fingerprint = k.f
+               ORDER BY 1, 2, 3 FOR UPDATE OF b""",
             ([k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys]),
         ).fetchall()
         for c, q, f, stored in rows:
@@ -110,7 +134,8 @@ def _merge_stored_histograms(
             """SELECT r.cluster_id, r.query_hash, r.fingerprint, r.hour, r.latency_hist
                FROM planpipe.plan_rollups_hourly r
                JOIN unnest(%s::text[], %s::text[], %s::text[], %s::timestamptz[]) AS k(c, q, f, h)
-                 ON r.cluster_id = k.c AND r.query_hash = k.q AND r.fingerprint = k.f AND r.hour = k.h""",
+                 ON r.cluster_id = k.c AND r.query_hash = k.q AND r.fingerprint = k.f AND r.hour = k.h
+               ORDER BY 1, 2, 3, 4 FOR UPDATE OF r""",
             ([k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys],
              [datetime.fromisoformat(k[3]) for k in keys]),
         ).fetchall()  # fmt: skip
@@ -133,33 +158,29 @@ def _fence(cur: psycopg.Cursor[tuple[object, ...]], group: str, ranges: Sequence
         ).fetchone()
         assert row is not None
         stored = int(row[0])  # type: ignore[call-overload]
-        # A fresh row may start past `first` only when the log was truncated by retention.
-        if stored != span.first:
+        # Past the stored offset is fine (a gap of markers, aborted or compacted records);
+        # before it means these records were committed already.
+        if span.first < stored:
             raise StaleBatchError(
-                f"{span.topic}[{span.partition}]: batch starts at {span.first}, store expects {stored}"
+                f"{span.topic}[{span.partition}]: batch starts at {span.first}, already committed up to {stored - 1}"
             )
 
 
-def commit_batch(
-    conn: psycopg.Connection[tuple[object, ...]],
-    consumer_group: str,
-    batch: PreparedBatch,
-    new_plans: dict[str, tuple[str, str]],
-    parquet_files: Sequence[str],
-    started_at: float,
-) -> CommitResult:
-    """Upsert everything for the batch and advance the offsets, atomically.
-
-    `new_plans`: fingerprint → (normalized plan JSON, one-line summary) for
-    fingerprints not yet known to this process.
-    """
-    ranges = list(batch.offset_ranges.values())
-    baselines = _aggregate(batch, hourly=False)
-    rollups = _aggregate(batch, hourly=True)
-    obs = batch.observations
-    with conn.transaction(), conn.cursor() as cur:
-        lock_started = time.perf_counter()
-        _fence(cur, consumer_group, ranges)
+def _take_locks(
+    cur: psycopg.Cursor[tuple[object, ...]],
+    group: str,
+    ranges: Sequence[OffsetRange],
+    baselines: dict[tuple[str, ...], "_Aggregate"],
+    rollups: dict[tuple[str, ...], "_Aggregate"],
+    lock_timeout_ms: int,
+) -> float:
+    """Take every lock of the batch in a fixed order; returns the milliseconds it took."""
+    started = time.perf_counter()
+    try:
+        # Stays set for the rest of the transaction: no later statement may block forever either.
+        cur.execute(f"SET LOCAL lock_timeout = {int(lock_timeout_ms)}")
+        cur.execute(f"LOCK TABLE {_TABLES} IN ROW EXCLUSIVE MODE")
+        _fence(cur, group, ranges)
         if baselines:
             # One transaction-scoped advisory lock per query, taken in hash order: it
             # serialises plan_version numbering and baseline upserts of a query across
@@ -170,11 +191,44 @@ def commit_batch(
                        FROM unnest(%s::text[], %s::text[]) AS k(c, q) ORDER BY h) AS ordered""",
                 ([k[0] for k in baselines], [k[1] for k in baselines]),
             )
-        lock_wait_ms = (time.perf_counter() - lock_started) * 1000
-        # The advisory locks above make us the only writer of these queries' rows until
+        # The advisory locks make us the only planpipe writer of these queries' rows until
         # COMMIT, so histograms are merged here rather than by a per-row SQL function
-        # (hist_add dominated the upserts in the benchmark profile).
+        # (hist_add dominated the upserts in the benchmark profile). FOR UPDATE waits for
+        # anyone else holding the rows (a plan accept/reject) and counts as lock wait.
         _merge_stored_histograms(cur, baselines, rollups)
+    except psycopg.errors.LockNotAvailable as error:
+        raise LockWaitTimeout((time.perf_counter() - started) * 1000, str(error).strip()) from error
+    return (time.perf_counter() - started) * 1000
+
+
+def commit_batch(
+    conn: psycopg.Connection[tuple[object, ...]],
+    consumer_group: str,
+    batch: PreparedBatch,
+    new_plans: dict[str, tuple[str, str]],
+    parquet_files: Sequence[str],
+    started_at: float,
+    *,
+    earlier_lock_wait_ms: float = 0.0,
+    lock_timeout_ms: int = LOCK_TIMEOUT_MS,
+    dry_run: bool = False,
+) -> CommitResult:
+    """Upsert everything for the batch and advance the offsets, atomically.
+
+    `new_plans`: fingerprint → (normalized plan JSON, one-line summary) for
+    fingerprints not yet known to this process. `earlier_lock_wait_ms`: what earlier
+    attempts of this batch waited before their `lock_timeout`, so the recorded lock
+    wait is the batch's whole wait. `dry_run`: do everything, then roll back (used to
+    find which records a sink rejects).
+    """
+    ranges = list(batch.offset_ranges.values())
+    baselines = _aggregate(batch, hourly=False)
+    rollups = _aggregate(batch, hourly=True)
+    obs = batch.observations
+    with conn.transaction() as transaction, conn.cursor() as cur:
+        lock_wait_ms = earlier_lock_wait_ms + _take_locks(
+            cur, consumer_group, ranges, baselines, rollups, lock_timeout_ms
+        )
 
         if new_plans:
             fps = sorted(new_plans)
@@ -341,6 +395,8 @@ def commit_batch(
             ),
         ).fetchone()
         assert row is not None
+        if dry_run:
+            raise psycopg.Rollback(transaction)
     return CommitResult(int(row[0]), lock_wait_ms, p50, p95, pmax, committed_at)  # type: ignore[call-overload]
 
 

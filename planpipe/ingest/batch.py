@@ -107,13 +107,13 @@ def prepare_batch(
             envelope = decoder.decode(raw)
             plan_fingerprint = fingerprint_of(envelope.plan_text)
         except ContractViolation as violation:
-            dead.append(_dead(record, raw, violation.reason, violation.field, violation.detail))
+            dead.append(dead_letter(record, raw, violation.reason, violation.field, violation.detail))
             continue
         except PlanParseError as error:
-            dead.append(_dead(record, raw, Reason.PLAN_UNPARSEABLE, "plan_text", str(error)))
+            dead.append(dead_letter(record, raw, Reason.PLAN_UNPARSEABLE, "plan_text", str(error)))
             continue
         except ValueError as error:  # a malformed key: the payload may be fine, the key is not
-            dead.append(_dead(record, raw, Reason.WRONG_TYPE, "key", str(error)))
+            dead.append(dead_letter(record, raw, Reason.WRONG_TYPE, "key", str(error)))
             continue
         if envelope.priority is not None:
             priority = envelope.priority
@@ -158,7 +158,7 @@ def _trace_header(record: KafkaRecord) -> str | None:
     return None
 
 
-def _dead(record: KafkaRecord, raw: bytes | None, reason: Reason, field: str | None, detail: str) -> DeadLetter:
+def dead_letter(record: KafkaRecord, raw: bytes | None, reason: Reason, field: str | None, detail: str) -> DeadLetter:
     return DeadLetter(
         value=raw or b"",
         key=record.key(),

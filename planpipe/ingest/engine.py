@@ -15,6 +15,14 @@ Order of effects per batch, and why each crash point is safe:
 6. commit the offsets to Kafka (a crash before this is harmless: on
    assignment the consumer seeks to the offsets stored in PostgreSQL).
 
+Faults never end the run (see `faults`): transient ones are retried with backoff
+while the batch waits in memory; a record a sink refuses for a data reason is
+isolated and dead-lettered (`isolate`) and the rest of its batch commits. A stop
+request abandons an uncommitted batch, which is safe for the same reasons as a
+crash. Offsets have gaps (transaction markers, aborted transactions): the store
+fences on "not already committed", and Kafka offsets follow the consumer's
+position so a trailing marker never reads as lag.
+
 Engine code never imports Dagster: assets call `IngestEngine.run`.
 """
 
@@ -23,15 +31,16 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, TypeVar
 
 import psycopg
 from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
-from planpipe.contract import EnvelopeDecoder
-from planpipe.ingest import baseline_sink, metrics, parquet_sink
+from planpipe.contract import EnvelopeDecoder, Reason
+from planpipe.dlq import DeadLetter
+from planpipe.ingest import baseline_sink, faults, isolate, metrics, parquet_sink
 from planpipe.ingest.batch import PreparedBatch, prepare_batch
 from planpipe.ingest.breaker import LatencyBreaker, LockWaitThrottle
 from planpipe.kafka_config import consumer_config, producer_config
@@ -42,7 +51,9 @@ from planpipe.settings import Settings
 logger = logging.getLogger("planpipe.ingest")
 
 _KNOWN_FINGERPRINTS_MAX: Final = 200_000
-_PG_RETRY_MAX_DELAY_S: Final = 30.0
+# Watchdog: lag and no committed batch for this long means the run is stuck.
+STALL_AFTER_S: Final = 60.0
+_T = TypeVar("_T")
 
 
 def _fault_point(name: str) -> None:
@@ -64,6 +75,26 @@ def _fault_point(name: str) -> None:
 _FAULT_COUNTS: dict[str, int] = {}
 
 
+class _Abandoned(Exception):
+    """A stop was requested while a batch waited out a fault: it is dropped uncommitted (safe)."""
+
+
+class _DeliveryReports:
+    def __init__(self) -> None:
+        self.failed: list[DeadLetter] = []
+        self.errors: list[str] = []
+        self.count = 0
+
+    def callback(self, letter: DeadLetter) -> Callable[[KafkaError | None, Message], None]:
+        def delivered(error: KafkaError | None, _message: Message) -> None:
+            self.count += 1
+            if error is not None:
+                self.failed.append(letter)
+                self.errors.append(str(error))
+
+        return delivered
+
+
 @dataclass(frozen=True)
 class BatchReport:
     batch_id: int
@@ -78,6 +109,7 @@ class BatchReport:
     duration_ms: float
     parquet_files: list[str]
     breaker_open: bool
+    sink_rejected: int = 0
 
 
 @dataclass
@@ -87,8 +119,12 @@ class RunSummary:
     valid: int = 0
     dlq: int = 0
     dropped_low: int = 0
+    sink_rejected: int = 0
     stale_batches: int = 0
+    abandoned_batches: int = 0
     pg_retries: int = 0
+    kafka_retries: int = 0
+    stalls: int = 0
     throttled_s: float = 0.0
     max_p95_latency_ms: float = 0.0
     max_lock_wait_ms: float = 0.0
@@ -99,14 +135,10 @@ class RunSummary:
     def as_dict(self) -> dict[str, object]:
         return dict(self.__dict__)
 
-
-class _DeliveryTracker:
-    def __init__(self) -> None:
-        self.errors: list[str] = []
-
-    def __call__(self, error: KafkaError | None, message: Message) -> None:
-        if error is not None:
-            self.errors.append(f"{message.topic()}: {error}")
+    @property
+    def behind(self) -> dict[int, int]:
+        """Partitions with lag left at the end of the run."""
+        return {p: n for p, n in sorted(self.final_lag.items()) if n > 0}
 
 
 class IngestEngine:
@@ -130,8 +162,12 @@ class IngestEngine:
         self.throttle = LockWaitThrottle()
         self.parquet_root = settings.parquet_dir
         self._known_fingerprints: set[str] = set()
-        self._next_offsets: dict[int, int] = {}
+        self._next_offsets: dict[int, int] = {}  # per assigned partition: next offset to consume
+        self._kafka_committed: dict[int, int] = {}
         self._stop = threading.Event()
+        self._last_commit = time.monotonic()
+        self._last_stall_warning = 0.0
+        self._warned: dict[str, float] = {}
         self._conn = psycopg.connect(settings.pg_dsn, autocommit=True)
         conf = consumer_config(settings, settings.consumer_group, **{"client.id": client_id})
         # A member that died keeps its partitions until its session times out; only
@@ -143,7 +179,11 @@ class IngestEngine:
 
     # -- partition assignment: PostgreSQL is the source of truth for positions ------------
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        stored = baseline_sink.stored_offsets(self._conn, self.settings.consumer_group, self.settings.topic)
+        stored = self._with_pg_retry(
+            "read stored offsets",
+            lambda: baseline_sink.stored_offsets(self._conn, self.settings.consumer_group, self.settings.topic),
+            RunSummary(),
+        )
         for tp in partitions:
             # Files at or past the stored offset were never committed; with no stored
             # offset nothing of this partition was, so all of its files go.
@@ -158,20 +198,26 @@ class IngestEngine:
         # bring it level so lag computed from Kafka's committed offsets is right.
         resumed = [TopicPartition(tp.topic, tp.partition, tp.offset) for tp in partitions if tp.offset >= 0]
         if resumed:
-            try:
-                consumer.commit(offsets=resumed, asynchronous=True)
-            except KafkaException as error:
-                logger.info("could not align Kafka offsets on assignment: %s", error)
+            self._commit_offsets(resumed)
         logger.info("assigned %s", sorted(tp.partition for tp in partitions))
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         consumer.incremental_unassign(partitions)
         for tp in partitions:
             self._next_offsets.pop(tp.partition, None)
+            self._kafka_committed.pop(tp.partition, None)
         logger.info("revoked %s", sorted(tp.partition for tp in partitions))
 
     def stop(self) -> None:
+        """Ask the run to end: between batches, or by abandoning a batch that waits out a fault."""
         self._stop.set()
+
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop.is_set()
+
+    def seconds_since_commit(self) -> float:
+        return time.monotonic() - self._last_commit
 
     def close(self) -> None:
         try:
@@ -184,23 +230,41 @@ class IngestEngine:
     def run(self, *, until_caught_up: bool = False, max_seconds: float | None = None) -> RunSummary:
         summary = RunSummary()
         started = time.monotonic()
+        self._last_commit = started
         self._consumer.subscribe([self.settings.topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
         idle_polls = 0
+        consume_backoff = faults.Backoff(self._stop, first_s=0.5, max_s=10.0)
         while not self._stop.is_set():
             if max_seconds is not None and time.monotonic() - started >= max_seconds:
                 break
-            records = self._consumer.consume(num_messages=self.max_messages, timeout=self.max_wait_s)
-            records = [r for r in records if self._usable(r)]
+            try:
+                records = [r for r in self._consume() if self._usable(r)]
+            except KafkaException as error:
+                if not faults.is_transient(error):
+                    raise
+                summary.kafka_retries += 1
+                self._warn_once_a_minute("consume", f"consumer error, retrying: {error}")
+                consume_backoff.wait()
+                continue
+            consume_backoff.reset()
             if not records:
                 idle_polls += 1
+                self._advance_past_markers()
                 if until_caught_up and self._caught_up(waited_s=time.monotonic() - started, idle_polls=idle_polls):
                     summary.caught_up = True
                     break
+                self._watch_progress(summary)
                 continue
             idle_polls = 0
-            report = self._process(records, summary)
+            try:
+                report = self._process(records, summary)
+            except _Abandoned:
+                summary.abandoned_batches += 1
+                logger.info("stop requested: uncommitted batch abandoned (it is consumed again by the next run)")
+                break
             if report is not None and self.on_batch is not None:
                 self.on_batch(report)
+            self._watch_progress(summary)
             delay = self.throttle.delay_s()
             if delay:
                 summary.throttled_s += delay
@@ -209,15 +273,22 @@ class IngestEngine:
         summary.final_lag = self.lag()
         return summary
 
+    def _consume(self) -> list[Message]:
+        return self._consumer.consume(num_messages=self.max_messages, timeout=self.max_wait_s)
+
     def _usable(self, record: Message) -> bool:
         error = record.error()
         if error is None:
             return True
         if error.code() == KafkaError._PARTITION_EOF:
             return False
-        if error.fatal() or not error.retriable():
+        if error.fatal() or error.code() in (
+            KafkaError.TOPIC_AUTHORIZATION_FAILED,
+            KafkaError.GROUP_AUTHORIZATION_FAILED,
+        ):
             raise KafkaException(error)
-        logger.warning("transient consumer error: %s", error)
+        # Broker restarts surface as unknown partition / transport errors: librdkafka recovers.
+        self._warn_once_a_minute(f"record-{error.code()}", f"transient consumer error: {error}")
         return False
 
     def _caught_up(self, *, waited_s: float, idle_polls: int) -> bool:
@@ -225,29 +296,88 @@ class IngestEngine:
         if not assignment:
             # In a group with more members than partitions we may never get any.
             return waited_s > self._assignment_grace_s and idle_polls >= 3
-        return all(lag == 0 for lag in self.lag().values())
+        lags = self.lag()
+        return len(lags) == len(assignment) and all(lag == 0 for lag in lags.values())
 
     def lag(self) -> dict[int, int]:
-        """Per assigned partition: high watermark minus our next offset."""
-        assignment = self._consumer.assignment()
-        if not assignment:
+        """Per assigned partition: high watermark minus our position (unreadable partitions omitted).
+
+        The position moves past transaction markers, so a partition whose last offset
+        is a commit marker reads as caught up.
+        """
+        try:
+            assignment = self._consumer.assignment()
+            if not assignment:
+                return {}
+            # position() is unknown for a partition we seeked to but have not fetched from yet.
+            known = dict(self._next_offsets)
+            known.update({tp.partition: tp.offset for tp in self._consumer.position(assignment) if tp.offset >= 0})
+            unknown = [tp for tp in assignment if tp.partition not in known]
+            if unknown:
+                for tp in self._consumer.committed(unknown, timeout=10):
+                    if tp.offset >= 0:
+                        known[tp.partition] = tp.offset
+        except KafkaException as error:
+            self._warn_once_a_minute("lag", f"lag unavailable: {error}")
             return {}
-        # position() is unknown for a partition we seeked to but have not fetched from yet.
-        known = dict(self._next_offsets)
-        known.update({tp.partition: tp.offset for tp in self._consumer.position(assignment) if tp.offset >= 0})
-        unknown = [tp for tp in assignment if tp.partition not in known]
-        if unknown:
-            for tp in self._consumer.committed(unknown, timeout=10):
-                if tp.offset >= 0:
-                    known[tp.partition] = tp.offset
         result: dict[int, int] = {}
         for tp in assignment:
-            low, high = self._consumer.get_watermark_offsets(tp, timeout=5, cached=False)
+            try:
+                low, high = self._consumer.get_watermark_offsets(tp, timeout=5, cached=False)
+            except KafkaException as error:  # e.g. _UNKNOWN_PARTITION while a broker restarts
+                self._warn_once_a_minute("watermarks", f"watermarks of partition {tp.partition} unavailable: {error}")
+                continue
             result[tp.partition] = max(0, high - known.get(tp.partition, low))
         return result
 
+    def _advance_past_markers(self) -> None:
+        """Idle: let Kafka's committed offsets follow positions that moved past control records."""
+        assignment = self._consumer.assignment()
+        if not assignment:
+            return
+        try:
+            positions = self._consumer.position(assignment)
+        except KafkaException:
+            return
+        ahead = [
+            TopicPartition(tp.topic, tp.partition, tp.offset)
+            for tp in positions
+            if tp.offset >= 0
+            and tp.partition in self._next_offsets
+            and tp.offset > self._kafka_committed.get(tp.partition, self._next_offsets[tp.partition])
+        ]
+        if ahead:
+            self._commit_offsets(ahead)
+
+    def _watch_progress(self, summary: RunSummary) -> None:
+        idle_s = self.seconds_since_commit()
+        now = time.monotonic()
+        if idle_s < STALL_AFTER_S or now - self._last_stall_warning < STALL_AFTER_S:
+            return
+        self._last_stall_warning = now
+        behind = {p: n for p, n in self.lag().items() if n > 0}
+        if behind:
+            summary.stalls += 1
+            metrics.INGEST_STALLS.inc()
+            logger.warning(
+                "no batch committed for %.0f s while partitions are behind: %s",
+                idle_s,
+                ", ".join(f"{p}: {n}" for p, n in behind.items()),
+            )
+
+    def _warn_once_a_minute(self, key: str, message: str) -> None:
+        now = time.monotonic()
+        if now - self._warned.get(key, -STALL_AFTER_S) >= STALL_AFTER_S:
+            self._warned[key] = now
+            logger.warning(message)
+        else:
+            logger.debug(message)
+
+    # -- one batch ----------------------------------------------------------------------
     def _process(self, records: list[Message], summary: RunSummary) -> BatchReport | None:
         batch_started = time.time()
+        # Right after consume(): past the batch's last record and any markers behind it.
+        positions = self._positions(records)
         batch = prepare_batch(
             records,
             self.decoder,
@@ -256,20 +386,45 @@ class IngestEngine:
             known_fingerprints=self._known_fingerprints,
         )
         _fault_point("after_decode")
-        self._publish_dead_letters(batch)
-        written = self._write_parquet(batch)
-        _fault_point("after_parquet")
-        identities = {fp: identify_plan(text) for fp, text in batch.new_plan_samples.items()}
-        new_plans = {fp: (ident.normalized_json, ident.summary) for fp, ident in identities.items()}
-        relative = [str(w.path.relative_to(self.parquet_root)) for w in written]
-        result = self._commit_with_retry(batch, new_plans, relative, batch_started, summary)
+        published = 0
+        written: list[parquet_sink.WrittenFile] = []
+        data_backoff = faults.Backoff(self._stop)
+        while True:
+            try:
+                self._publish_dead_letters(batch.dead_letters[published:], summary)
+                published = len(batch.dead_letters)
+                written = self._write_parquet(batch, replacing=written, summary=summary)
+                _fault_point("after_parquet")
+                identities = {fp: identify_plan(text) for fp, text in batch.new_plan_samples.items()}
+                new_plans = {fp: (ident.normalized_json, ident.summary) for fp, ident in identities.items()}
+                relative = [str(w.path.relative_to(self.parquet_root)) for w in written]
+                result = self._commit(batch, new_plans, relative, batch_started, summary)
+                break
+            except Exception as error:
+                if not faults.is_data_fault(error):
+                    raise
+                rejects = isolate.find_rejects(batch, self._trial)
+                if not rejects:
+                    # Not one record's fault after all: retry the batch as a whole.
+                    logger.warning("batch refused (%s) but no record fails alone; retrying", error)
+                    if not data_backoff.wait():
+                        raise _Abandoned from error
+                    continue
+                for index, reason in rejects.items():
+                    obs = batch.observations
+                    logger.warning(
+                        "record %s[%s]@%s refused by a sink, dead-lettered: %s",
+                        obs.kafka_topic[index], obs.kafka_partition[index], obs.kafka_offset[index], reason,
+                    )  # fmt: skip
+                batch = isolate.without_rejects(batch, rejects, records)
+                summary.sink_rejected += len(rejects)
+                metrics.SINK_REJECTED.inc(len(rejects))
         if result is None:
             return None
         _fault_point("after_pg_commit")
+        self._last_commit = time.monotonic()
         self._remember(new_plans)
-        for span in batch.offset_ranges.values():
-            self._next_offsets[span.partition] = span.last + 1
-        self._commit_kafka(batch)
+        self._commit_kafka(batch, positions)
         _fault_point("after_kafka_commit")
 
         self.breaker.record(result.p95_latency_ms or 0.0)
@@ -279,8 +434,8 @@ class IngestEngine:
         metrics.DROPPED_LOW.inc(batch.dropped_low)
         metrics.LOCK_WAIT_MS.set(result.lock_wait_ms)
         metrics.BREAKER_OPEN.set(1 if self.breaker.is_open else 0)
-        for published in batch.observations.published_at:
-            metrics.PUBLISH_TO_COMMIT_MS.observe(max(0.0, (result.committed_at - published) * 1000))
+        for published_at in batch.observations.published_at:
+            metrics.PUBLISH_TO_COMMIT_MS.observe(max(0.0, (result.committed_at - published_at) * 1000))
         summary.batches += 1
         summary.consumed += batch.consumed
         summary.valid += len(batch.observations)
@@ -299,29 +454,74 @@ class IngestEngine:
             p95_latency_ms=result.p95_latency_ms,
             lock_wait_ms=result.lock_wait_ms,
             duration_ms=(result.committed_at - batch_started) * 1000,
-            parquet_files=relative,
+            parquet_files=[str(w.path.relative_to(self.parquet_root)) for w in written],
             breaker_open=self.breaker.is_open,
+            sink_rejected=sum(1 for d in batch.dead_letters if d.reason == Reason.SINK_REJECTED),
         )
 
-    def _publish_dead_letters(self, batch: PreparedBatch) -> None:
-        if not batch.dead_letters:
-            return
-        tracker = _DeliveryTracker()
-        for letter in batch.dead_letters:
-            self._dlq.produce(
-                self.settings.dlq_topic, value=letter.value, key=letter.key, headers=list(letter.headers()),
-                on_delivery=tracker,
-            )  # fmt: skip
-        remaining = self._dlq.flush(60)
-        if remaining or tracker.errors:
-            # Nothing is committed: the batch is consumed again once the DLQ is writable.
-            raise KafkaException(f"DLQ publish failed ({remaining} unsent): {tracker.errors[:3]}")
+    def _positions(self, records: Sequence[Message]) -> dict[int, int]:
+        partitions = {(r.topic(), r.partition()) for r in records}
+        try:
+            found = self._consumer.position([TopicPartition(t or "", p or 0) for t, p in partitions])
+        except KafkaException:
+            return {}
+        return {tp.partition: tp.offset for tp in found if tp.offset >= 0}
 
-    def _write_parquet(self, batch: PreparedBatch) -> list[parquet_sink.WrittenFile]:
+    def _trial(self, batch: PreparedBatch) -> str | None:
+        """Would the sinks take these observations? Writes nothing that stays."""
+        try:
+            parquet_sink.check_writable(batch.observations)
+            identities = {fp: identify_plan(text) for fp, text in batch.new_plan_samples.items()}
+            new_plans = {fp: (ident.normalized_json, ident.summary) for fp, ident in identities.items()}
+            baseline_sink.commit_batch(
+                self._conn, self.settings.consumer_group, batch, new_plans, [], time.time(), dry_run=True
+            )
+        except baseline_sink.StaleBatchError:
+            return None  # not about the data; the real commit sees it again
+        except Exception as error:
+            if faults.is_data_fault(error):
+                return f"{type(error).__name__}: {str(error).strip()}"
+            raise
+        return None
+
+    def _publish_dead_letters(self, letters: Sequence[DeadLetter], summary: RunSummary) -> None:
+        """Publish and wait for every ack; failed deliveries are re-sent after a backoff."""
+        pending = list(letters)
+        backoff = faults.Backoff(self._stop, max_s=10.0)
+        while pending:
+            reports = _DeliveryReports()
+            for letter in pending:
+                self._dlq.produce(
+                    self.settings.dlq_topic, value=letter.value, key=letter.key, headers=list(letter.headers()),
+                    on_delivery=reports.callback(letter),
+                )  # fmt: skip
+            # Delivery reports come within message.timeout.ms, success or not.
+            while reports.count < len(pending):
+                self._dlq.poll(0.5)
+                if self._stop.is_set() and self._dlq.flush(5) > 0:
+                    raise _Abandoned
+            pending = reports.failed
+            if pending:
+                summary.kafka_retries += 1
+                self._warn_once_a_minute("dlq", f"DLQ delivery of {len(pending)} failed, retrying: {reports.errors[0]}")
+                if not backoff.wait():
+                    raise _Abandoned
+
+    def _write_parquet(
+        self, batch: PreparedBatch, *, replacing: Sequence[parquet_sink.WrittenFile], summary: RunSummary
+    ) -> list[parquet_sink.WrittenFile]:
         ranges = [(r.topic, r.partition, r.first, r.last) for r in batch.offset_ranges.values()]
-        return parquet_sink.write_batch(self.parquet_root, batch.observations, ranges)
+        written = self._retrying(
+            "write Parquet", lambda: parquet_sink.write_batch(self.parquet_root, batch.observations, ranges), summary
+        )
+        # A rewrite after records were dead-lettered may leave a (route, date) group empty.
+        kept = {w.path for w in written}
+        for old in replacing:
+            if old.path not in kept:
+                old.path.unlink(missing_ok=True)
+        return written
 
-    def _commit_with_retry(
+    def _commit(
         self,
         batch: PreparedBatch,
         new_plans: dict[str, tuple[str, str]],
@@ -329,28 +529,61 @@ class IngestEngine:
         started_at: float,
         summary: RunSummary,
     ) -> baseline_sink.CommitResult | None:
-        delay = 0.5
-        while True:
+        waited_ms = 0.0
+
+        def attempt() -> baseline_sink.CommitResult:
+            nonlocal waited_ms
             try:
                 return baseline_sink.commit_batch(
-                    self._conn, self.settings.consumer_group, batch, new_plans, files, started_at
-                )
-            except baseline_sink.StaleBatchError as stale:
-                # Another consumer committed these offsets: drop our copy, resume from the store.
-                logger.warning("stale batch discarded: %s", stale)
-                summary.stale_batches += 1
-                self._discard_stale(batch, files)
-                return None
-            except psycopg.OperationalError as error:
-                # The batch stays in memory (our local buffer) and is replayed as is;
-                # consumption waits, so the store is not flooded while it recovers.
-                summary.pg_retries += 1
-                logger.warning("baseline store rejected the batch (%s); retrying in %.1fs", error, delay)
-                if self._stop.wait(delay):
+                    self._conn, self.settings.consumer_group, batch, new_plans, files, started_at,
+                    earlier_lock_wait_ms=waited_ms,
+                )  # fmt: skip
+            except baseline_sink.LockWaitTimeout as timeout:
+                # Still waiting: the throttle and the gauge see it now, the batch row later.
+                waited_ms += timeout.waited_ms
+                self.throttle.record(waited_ms)
+                metrics.LOCK_WAIT_MS.set(waited_ms)
+                raise
+
+        try:
+            return self._with_pg_retry("commit the batch", attempt, summary)
+        except baseline_sink.StaleBatchError as stale:
+            # Another consumer committed these offsets: drop our copy, resume from the store.
+            logger.warning("stale batch discarded: %s", stale)
+            summary.stale_batches += 1
+            self._discard_stale(batch, files)
+            return None
+
+    def _with_pg_retry(self, what: str, step: Callable[[], _T], summary: RunSummary) -> _T:
+        backoff = faults.Backoff(self._stop)
+        while True:
+            try:
+                return step()
+            except Exception as error:
+                if not faults.is_transient(error):
                     raise
-                delay = min(_PG_RETRY_MAX_DELAY_S, delay * 2)
+                summary.pg_retries += 1
+                self._warn_once_a_minute(
+                    f"pg-{what}", f"baseline store: {what} failed ({type(error).__name__}: {error}); retrying"
+                )
+                if not backoff.wait():
+                    raise _Abandoned from error
                 if self._conn.closed or self._conn.broken:
-                    self._conn = psycopg.connect(self.settings.pg_dsn, autocommit=True)
+                    try:
+                        self._conn = psycopg.connect(self.settings.pg_dsn, autocommit=True)
+                    except psycopg.OperationalError as reconnect:
+                        logger.debug("reconnect failed: %s", reconnect)
+
+    def _retrying(self, what: str, step: Callable[[], _T], summary: RunSummary) -> _T:
+        """Local I/O (disk full, a stale NFS handle): retried like the store."""
+        backoff = faults.Backoff(self._stop)
+        while True:
+            try:
+                return step()
+            except OSError as error:
+                self._warn_once_a_minute(what, f"{what} failed ({error}); retrying")
+                if not backoff.wait():
+                    raise _Abandoned from error
 
     def _discard_stale(self, batch: PreparedBatch, files: list[str]) -> None:
         committed = {
@@ -370,12 +603,22 @@ class IngestEngine:
             if span.partition in assigned and span.partition in stored:
                 self._consumer.seek(TopicPartition(span.topic, span.partition, stored[span.partition]))
 
-    def _commit_kafka(self, batch: PreparedBatch) -> None:
-        offsets = [TopicPartition(r.topic, r.partition, r.last + 1) for r in batch.offset_ranges.values()]
+    def _commit_kafka(self, batch: PreparedBatch, positions: dict[int, int]) -> None:
+        offsets = []
+        for span in batch.offset_ranges.values():
+            next_offset = max(span.last + 1, positions.get(span.partition, 0))
+            self._next_offsets[span.partition] = next_offset
+            offsets.append(TopicPartition(span.topic, span.partition, next_offset))
+        self._commit_offsets(offsets)
+
+    def _commit_offsets(self, offsets: list[TopicPartition]) -> None:
         try:
             self._consumer.commit(offsets=offsets, asynchronous=True)
         except KafkaException as error:  # e.g. during a rebalance; PostgreSQL already has them
             logger.info("Kafka offset commit skipped: %s", error)
+            return
+        for tp in offsets:
+            self._kafka_committed[tp.partition] = tp.offset
 
     def _remember(self, new_plans: dict[str, tuple[str, str]]) -> None:
         if len(self._known_fingerprints) > _KNOWN_FINGERPRINTS_MAX:

@@ -22,3 +22,9 @@ PUBLISH_TO_COMMIT_MS = Histogram(
 LOCK_WAIT_MS = Gauge("planpipe_ingest_lock_wait_ms", "Lock wait of the last batch (ms)", registry=REGISTRY)
 BREAKER_OPEN = Gauge("planpipe_ingest_breaker_open", "1 while the latency circuit breaker is open", registry=REGISTRY)
 GROUP_LAG = Gauge("kafka_consumer_group_lag", "Lag per partition", ["group", "topic", "partition"], registry=REGISTRY)
+SINK_REJECTED = Counter(
+    "planpipe_ingest_sink_rejected_total", "Records PostgreSQL or Parquet refused, dead-lettered", registry=REGISTRY
+)
+INGEST_STALLS = Counter(
+    "planpipe_ingest_stalls_total", "Watchdog: lag and no committed batch for 60 s", registry=REGISTRY
+)

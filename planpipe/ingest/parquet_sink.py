@@ -7,6 +7,7 @@ consumed again (`discard_uncommitted`), so the dataset never holds an
 observation twice.
 """
 
+import io
 import os
 import re
 from collections.abc import Iterable
@@ -79,13 +80,7 @@ def write_batch(
     """Write the batch durably (fsync file and directory) before PostgreSQL commits it."""
     if len(observations) == 0:
         return []
-    stamp = ingested_at or datetime.now(UTC)
-    frame = pl.DataFrame(
-        {**observations.columns(), "ingested_at": [stamp] * len(observations)},
-        schema=SCHEMA,
-    ).with_columns(
-        pl.from_epoch(pl.col("execution_timestamp"), time_unit="s").dt.date().cast(pl.String).alias("date"),
-    )
+    frame = _frame(observations, ingested_at or datetime.now(UTC))
     ranges = {(topic, partition): (first, last) for topic, partition, first, last in offset_ranges}
     written: list[WrittenFile] = []
     for (route, date, topic, partition), part in frame.group_by(
@@ -103,6 +98,23 @@ def write_batch(
         _fsync_dir(directory)
         written.append(WrittenFile(target, part.height))
     return written
+
+
+def _frame(observations: Observations, ingested_at: datetime) -> pl.DataFrame:
+    return pl.DataFrame(
+        {**observations.columns(), "ingested_at": [ingested_at] * len(observations)},
+        schema=SCHEMA,
+    ).with_columns(
+        pl.from_epoch(pl.col("execution_timestamp"), time_unit="s").dt.date().cast(pl.String).alias("date"),
+    )
+
+
+def check_writable(observations: Observations) -> None:
+    """Build and encode the batch's Parquet in memory: raises what `write_batch` would, writes nothing."""
+    if len(observations) == 0:
+        return
+    frame = _frame(observations, datetime.now(UTC))
+    frame.drop(list(PARTITION_COLUMNS)).write_parquet(io.BytesIO(), compression="zstd", statistics=True)
 
 
 def discard_uncommitted(root: Path, topic: str, partition: int, next_offset: int) -> list[Path]:

@@ -35,7 +35,9 @@ class SlaResult:
         }
 
 
-def _one(conn: psycopg.Connection[tuple[object, ...]], sql: str, params: tuple[object, ...]) -> tuple[object, ...]:
+def _one(
+    conn: psycopg.Connection[tuple[object, ...]], sql: str, params: tuple[object, ...] | dict[str, object]
+) -> tuple[object, ...]:
     row = conn.execute(sql, params).fetchone()
     assert row is not None
     return row
@@ -102,3 +104,89 @@ def lock_wait(conn: psycopg.Connection[tuple[object, ...]], group: str, window_s
     measured = None if worst is None else float(worst)  # type: ignore[arg-type]
     passed = measured is None or measured <= LOCK_WAIT_THRESHOLD_MS
     return SlaResult("lock_wait", passed, measured, LOCK_WAIT_THRESHOLD_MS, window_s, f"{batches} batches")
+
+
+# -- progress watchdog ------------------------------------------------------------------
+STALL_AFTER_S: Final = 60.0  # lag > 0 and no committed batch for this long: stuck
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Is ingestion making progress? The same decision for the run, the check and the sensor."""
+
+    stalled: bool
+    lag: int
+    idle_s: float  # seconds without a committed batch while progress was expected
+    stall_after_s: float
+    detail: str
+
+    def as_metadata(self) -> dict[str, object]:
+        return {
+            "stalled": self.stalled,
+            "lag": self.lag,
+            "idle_seconds": round(self.idle_s, 1),
+            "stall_after_seconds": self.stall_after_s,
+            "detail": self.detail,
+        }
+
+
+def ingest_progress(
+    lag: int,
+    *,
+    now: float,
+    last_commit_at: float | None,
+    expected_since: float,
+    stall_after_s: float = STALL_AFTER_S,
+) -> Progress:
+    """Stalled: there is something to ingest (`lag` > 0) and nothing was committed for longer than
+    `stall_after_s`. Idle time counts from the later of the last committed batch and
+    `expected_since` — when the observer started expecting progress (the run's start, or when the
+    lag was last seen at 0) — so an idle pipeline that just received records is not "stuck".
+    Times are epoch seconds; pure, no I/O."""
+    anchor = expected_since if last_commit_at is None else max(last_commit_at, expected_since)
+    idle = max(0.0, now - anchor)
+    if lag <= 0:
+        return Progress(False, max(0, lag), idle, stall_after_s, "caught up: nothing to ingest")
+    stalled = idle > stall_after_s
+    since = (
+        "no batch committed yet" if last_commit_at is None else f"last batch committed {now - last_commit_at:.0f}s ago"
+    )
+    verdict = "STALLED" if stalled else "progressing"
+    detail = f"{verdict}: lag {lag}, {since}, {idle:.0f}s without progress (limit {stall_after_s:.0f}s)"
+    return Progress(stalled, lag, idle, stall_after_s, detail)
+
+
+def group_progress(
+    conn: psycopg.Connection[tuple[object, ...]],
+    group: str,
+    topic: str,
+    lag: int,
+    *,
+    stall_after_s: float = STALL_AFTER_S,
+) -> Progress:
+    """`ingest_progress` for the whole consumer group, from what PostgreSQL recorded: the last
+    committed batch (planpipe.ingest_batches) and the last lag sample at 0 (planpipe.lag_samples,
+    written by the lag sensor). With no sample at 0 in the table, progress is expected from the
+    first sample; with no samples at all, from now (nothing can be said yet)."""
+    now, last_commit, last_zero, first_sample = _one(
+        conn,
+        """SELECT extract(epoch FROM now()),
+                  (SELECT extract(epoch FROM max(committed_at)) FROM planpipe.ingest_batches
+                    WHERE consumer_group = %(group)s),
+                  (SELECT extract(epoch FROM max(sampled_at)) FROM (
+                       SELECT sampled_at FROM planpipe.lag_samples
+                       WHERE consumer_group = %(group)s AND topic = %(topic)s
+                       GROUP BY sampled_at HAVING sum(lag) = 0) AS zero),
+                  (SELECT extract(epoch FROM min(sampled_at)) FROM planpipe.lag_samples
+                    WHERE consumer_group = %(group)s AND topic = %(topic)s)""",
+        {"group": group, "topic": topic},
+    )
+    now_s = float(now)  # type: ignore[arg-type]
+    anchor = last_zero if last_zero is not None else first_sample
+    return ingest_progress(
+        lag,
+        now=now_s,
+        last_commit_at=None if last_commit is None else float(last_commit),  # type: ignore[arg-type]
+        expected_since=now_s if anchor is None else float(anchor),  # type: ignore[arg-type]
+        stall_after_s=stall_after_s,
+    )

@@ -1117,12 +1117,17 @@ def acknowledge_regression(dsn: str, finding_id: int, *, by: str, note: str | No
     return _record(updated)
 
 
-def open_regression_candidates(dsn: str) -> set[str]:
+def open_regression_candidates(dsn: str, *, cluster_id: str | None = None) -> set[str]:
     """Query hashes with an open (unacknowledged, unresolved) regression: the router gives
-    them priority regression_candidate. Cheap (partial index); callers cache it briefly."""
+    them priority regression_candidate. Cheap (partial index); callers cache it briefly.
+
+    The router's set spans every cluster: query identifiers (PostgreSQL 18 jumbles
+    relations by name) are the same for the same query on every cluster and schema.
+    `cluster_id` narrows it to the findings of one cluster."""
     with psycopg.connect(dsn) as conn:
         rows = conn.execute(
-            "SELECT DISTINCT query_hash FROM planpipe.plan_regressions WHERE status = 'open' AND kind = ANY(%s)",
-            (list(REGRESSION_KINDS),),
+            """SELECT DISTINCT query_hash FROM planpipe.plan_regressions
+               WHERE status = 'open' AND kind = ANY(%s) AND (%s::text IS NULL OR cluster_id = %s)""",
+            (list(REGRESSION_KINDS), cluster_id, cluster_id),
         ).fetchall()
     return {str(row[0]) for row in rows}

@@ -85,6 +85,13 @@ _SKIP_REASONS: Final = {
 }
 
 
+# The server checks table privileges even for a plan that never executes.
+_WRITE_PRIVILEGE_HINT: Final = (
+    " (planning DML or SELECT … FOR UPDATE needs the table's write privilege, e.g. pg_write_all_data: "
+    "capture still plans DML in a READ ONLY transaction; or --dml skip)"
+)
+
+
 class PlanShapeError(ValueError):
     """EXPLAIN output that does not look like PostgreSQL's JSON format."""
 
@@ -271,6 +278,8 @@ class ExplainCapturer:
             return self._run(statement, kind)
         except psycopg.Error as error:
             message, sqlstate = _describe(error)
+            if sqlstate == "42501" and kind in (StatementKind.DML, StatementKind.LOCKING_SELECT):
+                message += _WRITE_PRIVILEGE_HINT
             return Failed(statement, message, sqlstate)
         except PlanShapeError as error:
             return Failed(statement, str(error))

@@ -10,6 +10,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg.conninfo import make_conninfo
 
 from planpipe.settings import Settings, _with_database
 from planpipe.stack.postgres import binary
@@ -46,6 +47,21 @@ def pgbench_db(stack_settings: Settings) -> Iterator[PgbenchDb]:
     finally:
         with psycopg.connect(admin, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def reader_dsn(pgbench_db: PgbenchDb) -> Iterator[str]:
+    """The pgbench database as the role the README recommends for capture: not a superuser,
+    member of pg_read_all_data and pg_read_all_stats only."""
+    role = f"capture_reader_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(pgbench_db.dsn, autocommit=True) as conn:
+        conn.execute(f"CREATE ROLE {role} LOGIN IN ROLE pg_read_all_data, pg_read_all_stats")
+    try:
+        yield make_conninfo(pgbench_db.dsn, user=role)
+    finally:
+        with psycopg.connect(pgbench_db.dsn, autocommit=True) as conn:
+            conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", [role])
+            conn.execute(f"DROP ROLE IF EXISTS {role}")
 
 
 @pytest.fixture

@@ -72,7 +72,7 @@ def _poll_until(reader: AutoExplainReader, out: list[Envelope], run: str, want: 
 
 
 def test_jsonlog_and_stderr_plans_from_the_real_server(
-    explained: psycopg.Connection[Any], server_logs: ServerLogs, pgbench_db: PgbenchDb
+    explained: psycopg.Connection[Any], server_logs: ServerLogs, reader_dsn: str
 ) -> None:
     run = uuid.uuid4().hex[:8]
     jsonlog_file = server_logs.current(explained, "jsonlog")
@@ -90,7 +90,7 @@ def test_jsonlog_and_stderr_plans_from_the_real_server(
         by_format[fmt] = [e for e in out if _markers([e], run)]
 
     # the same statement, captured live, gets the same query_hash as its jsonlog entry
-    live = capture_workload(pgbench_db.dsn, _query(run, 0))
+    live = capture_workload(reader_dsn, _query(run, 0))
     for fmt, envelopes in by_format.items():
         assert sorted(_markers(envelopes, run)) == [0, 1, 2, 3, 9]
         for envelope in envelopes:

@@ -109,11 +109,12 @@ def test_plans_up_to_the_limit_reach_parquet_and_postgresql_and_one_byte_more_th
     limit = settings.max_plan_bytes
     assert limit == 8 * MIB  # the documented default, end to end
     cluster = f"large-{settings.consumer_group.rsplit('-', 1)[-1]}"
+    # Aliases carry the test's id: fingerprints (and so plan_catalog rows) are this test's own.
     plans = {
-        "q-large-5mib": large_plan(join_plan, 5 * MIB, "five"),
-        "q-large-at-limit": large_plan(join_plan, limit, "limit"),
+        "q-large-5mib": large_plan(join_plan, 5 * MIB, f"{cluster}_five"),
+        "q-large-at-limit": large_plan(join_plan, limit, f"{cluster}_limit"),
     }
-    over = large_plan(join_plan, limit + 1, "over")
+    over = large_plan(join_plan, limit + 1, f"{cluster}_over")
     lines = [envelope(h, cluster, p) for h, p in plans.items()] + [envelope("q-large-over", cluster, over)]
     # Escaped quotes and newlines make each envelope larger than its plan, and larger than 1 MB.
     assert all(len(line) > len(plans.get(h, over)) for line, h in zip(lines, [*plans, "over"], strict=True))

@@ -4,7 +4,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+from hypothesis import HealthCheck, settings
+
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "plans"
+
+
+# Property tests check behaviour, not speed: no per-example deadline and no "too slow"
+# health check, which a busy machine trips (a slow rerun reads as flaky timing).
+UNTIMED = settings(database=None, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def plan_text(name: str) -> str:

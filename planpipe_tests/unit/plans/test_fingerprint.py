@@ -19,7 +19,7 @@ from planpipe.plans.fingerprint import (
     normalized_json,
 )
 from planpipe.plans.normalize import load_normalized, normalize_plan, plan_summary
-from planpipe_tests.unit.plans._fixtures import FIXTURES, all_names, plan_doc, plan_text, walk
+from planpipe_tests.unit.plans._fixtures import FIXTURES, UNTIMED, all_names, plan_doc, plan_text, walk
 
 pytestmark = pytest.mark.unit
 
@@ -187,7 +187,7 @@ def mutate(doc: Any, rng: random.Random) -> Any:
 
 @pytest.mark.parametrize("name", ["join_memoize", "report", "parallel_2", "sort_external", "grouping_sets", "cte"])
 @given(seed=st.integers(0, 2**32 - 1))
-@settings(max_examples=25, database=None)
+@settings(UNTIMED, max_examples=25)
 def test_volatile_fields_never_change_the_fingerprint(name: str, seed: int) -> None:
     rng = random.Random(seed)
     mutated = mutate(plan_doc(name), rng)

@@ -3,7 +3,7 @@ import json
 
 import msgspec
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from planpipe.plans.normalize import (
@@ -16,7 +16,7 @@ from planpipe.plans.normalize import (
     plan_summary,
     summarize,
 )
-from planpipe_tests.unit.plans._fixtures import FIXTURES, all_names, plan_doc, plan_text
+from planpipe_tests.unit.plans._fixtures import FIXTURES, UNTIMED, all_names, plan_doc, plan_text
 
 pytestmark = pytest.mark.unit
 
@@ -73,7 +73,7 @@ def test_constants_are_replaced(expression: str, normalized: str) -> None:
 
 
 @given(st.text())
-@settings(max_examples=300, database=None)
+@settings(UNTIMED, max_examples=300)
 def test_expression_normalization_is_total_and_idempotent(text: str) -> None:
     once = normalize_expression(text)
     assert normalize_expression(once) == once
@@ -255,14 +255,14 @@ def test_absurdly_deep_nesting_is_unparseable() -> None:
 
 
 @given(st.text())
-@settings(max_examples=500, database=None)
+@settings(UNTIMED, max_examples=500)
 def test_arbitrary_text_raises_nothing_but_plan_parse_error(text: str) -> None:
     with contextlib.suppress(PlanParseError):
         normalize_plan(text)
 
 
 @given(st.binary())
-@settings(max_examples=200, database=None)
+@settings(UNTIMED, max_examples=200)
 def test_arbitrary_bytes_raise_nothing_but_plan_parse_error(data: bytes) -> None:
     with contextlib.suppress(PlanParseError):
         normalize_plan(data)
@@ -282,7 +282,7 @@ _NODEISH = st.recursive(
 
 
 @given(st.one_of(_JSON, _NODEISH.map(lambda n: {"Plan": n}), _NODEISH.map(lambda n: [{"Plan": n}])))
-@settings(max_examples=500, database=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(UNTIMED, max_examples=500)
 def test_arbitrary_json_raises_nothing_but_plan_parse_error(document: object) -> None:
     try:
         root = normalize_plan(json.dumps(document))

@@ -19,6 +19,26 @@ pytestmark = pytest.mark.unit
 _RUNNER = "import sys, planpipe.cli as c; sys.exit(c.main(sys.argv[1:]))"
 
 
+def test_explain_safety_options_and_help(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(planpipe.cli, "_STAGE_COMMANDS", ("planpipe.capture.cli",))
+    parser = planpipe.cli.build_parser()
+    args = parser.parse_args(["capture", "explain", "--workload", "w.sql"])
+    assert (args.allow_superuser, args.dml, args.deny_function, args.allow_function) == (False, "plan", [], [])
+    args = parser.parse_args(
+        ["capture", "explain", "--workload", "w.sql", "--allow-superuser", "--dml", "skip",
+         "--deny-function", "app.*", "--deny-function", "pg_sleep", "--allow-function", "nextval"]
+    )  # fmt: skip
+    assert (args.allow_superuser, args.dml, args.deny_function, args.allow_function) == (
+        True, "skip", ["app.*", "pg_sleep"], ["nextval"]
+    )  # fmt: skip
+    with pytest.raises(SystemExit):
+        parser.parse_args(["capture", "explain", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    for needle in ("NOT a superuser", "GRANT pg_read_all_data", "pg_read_all_stats", "pg_terminate_backend",
+                   "pg_create_*_replication_slot", "--allow-superuser"):  # fmt: skip
+        assert needle in help_text, needle
+
+
 def test_sub_commands_register_through_the_stage_convention(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(planpipe.cli, "_STAGE_COMMANDS", ("planpipe.capture.cli",))
     parser = planpipe.cli.build_parser()

@@ -7,6 +7,9 @@ from typing import Any
 
 from planpipe.settings import Settings
 
+# `--until-caught-up` that stopped short (--max-seconds, or a stop request): scripts must not read success.
+EXIT_NOT_CAUGHT_UP = 3
+
 
 def add_parsers(sub: "argparse._SubParsersAction[Any]") -> None:
     p = sub.add_parser("ingest", help="consume query-plans into Parquet and the baseline store")
@@ -58,6 +61,11 @@ def _ingest(args: argparse.Namespace, settings: Settings) -> int:
     if not args.quiet:
         print(file=sys.stderr)
     print(json.dumps(summary.as_dict(), sort_keys=True))
+    if args.until_caught_up and not summary.caught_up:
+        behind = summary.behind
+        where = ", ".join(f"partition {p}: {n}" for p, n in behind.items()) or "lag unknown"
+        print(f"planpipe ingest: not caught up after {summary.seconds:.0f} s ({where})", file=sys.stderr)
+        return EXIT_NOT_CAUGHT_UP
     return 0
 
 

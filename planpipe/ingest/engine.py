@@ -529,18 +529,23 @@ class IngestEngine:
         started_at: float,
         summary: RunSummary,
     ) -> baseline_sink.CommitResult | None:
-        waited_ms = 0.0
+        # Once an attempt timed out on a lock, everything since that attempt began (its wait,
+        # the backoff, later waits) is time the batch spent blocked by locks.
+        blocked_since: float | None = None
 
         def attempt() -> baseline_sink.CommitResult:
-            nonlocal waited_ms
+            nonlocal blocked_since
+            started = time.perf_counter()
+            earlier_ms = 0.0 if blocked_since is None else (started - blocked_since) * 1000
             try:
                 return baseline_sink.commit_batch(
                     self._conn, self.settings.consumer_group, batch, new_plans, files, started_at,
-                    earlier_lock_wait_ms=waited_ms,
+                    earlier_lock_wait_ms=earlier_ms,
                 )  # fmt: skip
             except baseline_sink.LockWaitTimeout as timeout:
                 # Still waiting: the throttle and the gauge see it now, the batch row later.
-                waited_ms += timeout.waited_ms
+                blocked_since = started if blocked_since is None else blocked_since
+                waited_ms = earlier_ms + timeout.waited_ms
                 self.throttle.record(waited_ms)
                 metrics.LOCK_WAIT_MS.set(waited_ms)
                 raise

@@ -4,6 +4,7 @@ import argparse
 import contextlib
 import os
 import signal
+import stat
 import sys
 import textwrap
 import threading
@@ -60,7 +61,8 @@ def _open_output(target: str, *, append: bool) -> Iterator[JsonlWriter]:
             raise OutputClosed from None
         return
     with open(target, "ab" if append else "wb") as stream:
-        yield JsonlWriter(stream, sync=True)
+        # fsync makes a regular file durable; a device or pipe (/dev/null, a FIFO) cannot be synced.
+        yield JsonlWriter(stream, sync=stat.S_ISREG(os.fstat(stream.fileno()).st_mode))
 
 
 def _explain(args: argparse.Namespace, settings: Settings) -> int:

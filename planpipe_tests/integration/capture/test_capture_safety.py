@@ -258,3 +258,11 @@ def test_dml_is_planned_not_executed_by_default(
     assert executed.envelopes[0].total_time_ms > 0
     assert bench.execute(f"SELECT count(*) FROM {serial_table}").fetchone() == (0,)
     assert _sequence(bench, serial_table) == (5, True)
+
+
+def test_cli_output_to_a_device(reader_dsn: str, stack_settings: Settings, tmp_path: Path) -> None:
+    """`--output /dev/null` (a dry run) works: only regular files are fsynced."""
+    workload = tmp_path / "workload.sql"
+    workload.write_text("SELECT count(*) FROM pgbench_branches;\n")
+    args = _parse(["--dsn", reader_dsn, "--workload", str(workload), "--output", "/dev/null", "--quiet"])
+    assert args.handler(args, stack_settings) == 0

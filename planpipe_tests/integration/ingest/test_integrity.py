@@ -326,3 +326,45 @@ def test_until_caught_up_that_stops_short_exits_non_zero_naming_the_partitions(
     assert done.returncode == 3, done.stderr
     assert "not caught up" in done.stderr
     assert "partition" in done.stderr
+
+
+def test_a_broker_restart_mid_run_does_not_end_the_run(
+    stack_settings: Settings, settings: Settings, real_plans: dict[str, str]
+) -> None:
+    from planpipe.stack import kafka
+
+    envelopes = make_envelopes(real_plans, 200, _prefix(settings))
+    _publish(settings, envelopes[:100])
+    engine = IngestEngine(settings, max_messages=50)
+    outcome: list[RunSummary] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            outcome.append(engine.run(max_seconds=240))
+        except BaseException as error:  # the assertion below shows it
+            errors.append(error)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and _stored_executions(settings) < 100:
+            time.sleep(0.5)
+        assert kafka.stop(stack_settings)
+        time.sleep(3)  # the run polls, computes lag and commits against a dead broker meanwhile
+        assert kafka.start(stack_settings)
+        _publish(settings, envelopes[100:])
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and _stored_executions(settings) < len(envelopes) and worker.is_alive():
+            time.sleep(0.5)
+    finally:
+        engine.stop()
+        worker.join(60)
+        engine.close()
+    assert not errors, errors
+    assert outcome and not worker.is_alive()
+    assert _stored_executions(settings) == len(envelopes)
+    frame = _parquet(settings)
+    assert frame.height == len(envelopes)
+    assert frame.select(["kafka_partition", "kafka_offset"]).n_unique() == len(envelopes)

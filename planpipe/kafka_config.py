@@ -11,9 +11,11 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Final
 
+from planpipe.log_repeats import RepeatFilter
 from planpipe.settings import Settings
 
 CLIENT_LOGGER: Final = logging.getLogger("planpipe.kafka.client")
+CLIENT_LOGGER.addFilter(RepeatFilter())
 
 # Runbook, "High-Throughput Producer".
 PRODUCER_DEFAULTS: Final[dict[str, str | int | bool]] = {

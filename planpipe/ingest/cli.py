@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import signal
 import sys
 from typing import Any
 
@@ -54,9 +55,14 @@ def _ingest(args: argparse.Namespace, settings: Settings) -> int:
 
         start_metrics_server(args.metrics_port)
     engine = IngestEngine(settings, max_messages=args.max_messages, max_wait_s=args.max_wait, on_batch=progress)
+    # SIGTERM (a supervisor, `kill`) and Ctrl-C end the run cleanly: the batch in hand is
+    # committed or abandoned uncommitted, never half-done.
+    previous = {sig: signal.signal(sig, lambda *_: engine.stop()) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         summary = engine.run(until_caught_up=args.until_caught_up, max_seconds=args.max_seconds)
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         engine.close()
     if not args.quiet:
         print(file=sys.stderr)

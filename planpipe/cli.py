@@ -6,7 +6,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import textwrap
@@ -104,28 +103,48 @@ def _migrate(args: argparse.Namespace, settings: Settings) -> int:
 
 @command("dev")
 def _dev(args: argparse.Namespace, settings: Settings) -> int:
-    """Stack up, demo traffic, and the Dagster webserver + daemon on the planpipe code location."""
+    """Stack up, demo traffic, and the Dagster webserver + daemon on the planpipe code location.
+
+    Ctrl-C, SIGTERM or SIGHUP stop everything within 15 s: in-flight runs are asked to stop
+    (they commit or abandon their batch and end CANCELED), then Dagster's process tree
+    (own session, so the terminal's Ctrl-C reaches only us) is stopped, escalating to
+    SIGTERM and SIGKILL; nothing is left running.
+    """
     from planpipe import stack
+    from planpipe.demo import supervise
     from planpipe.demo.cli import dagster_environment, run_traffic_in_background
 
-    report = stack.up(settings)
-    print(f"stack up in {report.seconds}s; Dagster UI on http://{args.host}:{args.port}", flush=True)
-    dagster = shutil.which("dagster", path=os.path.dirname(sys.executable)) or "dagster"
-    process = subprocess.Popen(
-        [dagster, "dev", "-w", str(REPO_ROOT / "workspace.yaml"), "-h", args.host, "-p", str(args.port)],
-        env=dagster_environment(settings),
-        cwd=REPO_ROOT,
-    )
-    traffic = None if args.no_traffic else run_traffic_in_background(settings)
-    try:
-        return process.wait()
-    except KeyboardInterrupt:
-        process.send_signal(signal.SIGINT)
-        return process.wait()
-    finally:
-        if traffic is not None:
-            traffic[1].set()
-            traffic[0].join(timeout=60)
+    with supervise.interrupt_on_termination():
+        report = stack.up(settings)
+        print(f"stack up in {report.seconds}s; Dagster UI on http://{args.host}:{args.port}", flush=True)
+        dagster = shutil.which("dagster", path=os.path.dirname(sys.executable)) or "dagster"
+        process = subprocess.Popen(
+            [dagster, "dev", "-w", str(REPO_ROOT / "workspace.yaml"), "-h", args.host, "-p", str(args.port)],
+            env=dagster_environment(settings),
+            cwd=REPO_ROOT,
+            start_new_session=True,
+        )
+        traffic = None
+        instance = None
+        try:
+            traffic = None if args.no_traffic else run_traffic_in_background(settings)
+            instance = supervise.open_instance(settings)  # ready before it is needed to stop runs
+            code = process.wait()
+            print(f"planpipe dev: dagster dev exited with {code}", file=sys.stderr, flush=True)
+        except KeyboardInterrupt:
+            code = 0
+        finally:
+            with supervise.shielded():
+                print("planpipe dev: stopping runs, Dagster and demo traffic ...", file=sys.stderr, flush=True)
+                if traffic is not None:
+                    traffic[1].set()
+                stopped = supervise.stop(process, instance=instance)
+                if traffic is not None:
+                    traffic[0].join(timeout=max(0.5, 14.0 - stopped.seconds))
+                if instance is not None:
+                    instance.dispose()
+                print(f"planpipe dev: stopped {json.dumps(stopped.as_dict())}", file=sys.stderr, flush=True)
+    return code
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,6 +21,8 @@ class PlanpipeResource(dg.ConfigurableResource):  # type: ignore[type-arg]
     replay_group: str | None = None
     max_ingest_runs: int = 2
     ingest_max_seconds: float = 300.0
+    # Lag > 0 and no committed batch for this long: the run is stuck (watchdog, check, sensor).
+    ingest_stall_after_s: float = 60.0
 
     def settings(self) -> Settings:
         base = load_settings()
@@ -57,4 +59,5 @@ def planpipe_resource() -> PlanpipeResource:
         replay_group=_from_env("PLANPIPE_REPLAY_GROUP"),
         max_ingest_runs=_env_int("PLANPIPE_MAX_INGEST_RUNS", 2),
         ingest_max_seconds=_env_float("PLANPIPE_INGEST_MAX_SECONDS", 300.0),
+        ingest_stall_after_s=_env_float("PLANPIPE_INGEST_STALL_AFTER_S", 60.0),
     )

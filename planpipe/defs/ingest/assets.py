@@ -6,10 +6,14 @@ micro-batches until caught up (or `ingest_max_seconds`) and records one
 materialization of `plan_observations` per micro-batch.
 """
 
+import signal
+
 import dagster as dg
 
+from planpipe.defs.ingest.runtime import GracefulStop, ProgressWatchdog, ingest_client_id
 from planpipe.defs.resources import PlanpipeResource
-from planpipe.ingest.engine import BatchReport, IngestEngine
+from planpipe.ingest.engine import BatchReport, IngestEngine, RunSummary
+from planpipe.ingest.sla import Progress
 
 KAFKA_GROUP = "kafka"
 STORE_GROUP = "baseline_store"
@@ -75,28 +79,89 @@ def _batch_metadata(report: BatchReport) -> dict[str, dg.MetadataValue]:
     ],
     can_subset=False,
 )
-def ingest_micro_batches(context: dg.AssetExecutionContext, planpipe: PlanpipeResource):  # type: ignore[no-untyped-def]
+def ingest_micro_batches(
+    context: dg.AssetExecutionContext, planpipe: PlanpipeResource
+) -> tuple[dg.MaterializeResult[None], dg.MaterializeResult[None], dg.MaterializeResult[None]]:
     settings = planpipe.settings()
+    client_id = ingest_client_id(context.run.run_id)
+
+    def report_progress(progress: Progress) -> None:
+        message = f"ingest progress: {progress.detail}"
+        if progress.stalled:
+            context.log.warning(message)
+        else:
+            context.log.info(message)
+        context.log_event(dg.AssetObservation(asset_key=OBSERVATIONS, metadata=_progress_metadata(progress)))
+
+    watchdog = ProgressWatchdog(
+        settings, client_id, report_progress, interval_s=min(10.0, max(1.0, planpipe.ingest_stall_after_s / 4)),
+        stall_after_s=planpipe.ingest_stall_after_s,
+    )  # fmt: skip
 
     def record(report: BatchReport) -> None:
+        watchdog.committed()
         context.log_event(dg.AssetMaterialization(asset_key=OBSERVATIONS, metadata=_batch_metadata(report)))
 
-    engine = IngestEngine(settings, on_batch=record, client_id=f"dagster-{context.run.run_id[:8]}")
-    try:
-        summary = engine.run(until_caught_up=True, max_seconds=planpipe.ingest_max_seconds)
-    finally:
-        engine.close()
-    context.log.info(f"ingest run summary: {summary.as_dict()}")
-    totals = {
-        "batches": dg.MetadataValue.int(summary.batches),
-        "rows": dg.MetadataValue.int(summary.valid),
-        "dlq": dg.MetadataValue.int(summary.dlq),
-        "dropped_low_priority": dg.MetadataValue.int(summary.dropped_low),
-        "max_p95_publish_to_commit_ms": dg.MetadataValue.float(summary.max_p95_latency_ms),
-        "max_lock_wait_ms": dg.MetadataValue.float(summary.max_lock_wait_ms),
-        "caught_up": dg.MetadataValue.bool(summary.caught_up),
-        "seconds": dg.MetadataValue.float(summary.seconds),
+    # Signals before the engine exists keep Dagster's behaviour (interrupt); from here until the
+    # function returns they end the loop between batches. One return, no yields: an interrupt
+    # that arrives while Dagster handles our results cannot fail a step that already finished.
+    engine = IngestEngine(settings, on_batch=record, client_id=client_id)
+    with GracefulStop(engine.stop) as stop:
+        summary: RunSummary | None = None
+        with watchdog:
+            try:
+                summary = engine.run(until_caught_up=True, max_seconds=planpipe.ingest_max_seconds)
+            except Exception as error:
+                if not stop.requested:
+                    raise
+                # Asked to stop while a batch was being retried: the batch is abandoned whole
+                # (nothing of it is committed; the next run consumes it again).
+                context.log.warning(f"ingest run stopped with its batch in flight abandoned: {error!r}")
+            finally:
+                engine.close()
+        if stop.requested:
+            _end_canceled(context, signal_name=stop.signal)
+        summary = summary or RunSummary()
+        context.log.info(f"ingest run summary: {summary.as_dict()}")
+        totals = {
+            "batches": dg.MetadataValue.int(summary.batches),
+            "rows": dg.MetadataValue.int(summary.valid),
+            "dlq": dg.MetadataValue.int(summary.dlq),
+            "dropped_low_priority": dg.MetadataValue.int(summary.dropped_low),
+            "max_p95_publish_to_commit_ms": dg.MetadataValue.float(summary.max_p95_latency_ms),
+            "max_lock_wait_ms": dg.MetadataValue.float(summary.max_lock_wait_ms),
+            "caught_up": dg.MetadataValue.bool(summary.caught_up),
+            "stopped_by_signal": dg.MetadataValue.bool(stop.requested),
+            "stalled_checks": dg.MetadataValue.int(watchdog.stalled_checks),
+            "max_seconds_without_progress": dg.MetadataValue.float(round(watchdog.max_idle_s, 1)),
+            "seconds": dg.MetadataValue.float(summary.seconds),
+        }
+        return (
+            dg.MaterializeResult(asset_key=OBSERVATIONS, metadata=totals),
+            dg.MaterializeResult(asset_key=BASELINES, metadata=totals),
+            dg.MaterializeResult(asset_key=ROLLUPS, metadata={"batches": dg.MetadataValue.int(summary.batches)}),
+        )
+
+
+def _progress_metadata(progress: Progress) -> dict[str, dg.MetadataValue]:
+    return {
+        "ingest_progress": dg.MetadataValue.text("stalled" if progress.stalled else "progressing"),
+        "lag": dg.MetadataValue.int(progress.lag),
+        "seconds_without_progress": dg.MetadataValue.float(round(progress.idle_s, 1)),
+        "stall_after_seconds": dg.MetadataValue.float(progress.stall_after_s),
+        "detail": dg.MetadataValue.text(progress.detail),
     }
-    yield dg.MaterializeResult(asset_key=OBSERVATIONS, metadata=totals)
-    yield dg.MaterializeResult(asset_key=BASELINES, metadata=totals)
-    yield dg.MaterializeResult(asset_key=ROLLUPS, metadata={"batches": dg.MetadataValue.int(summary.batches)})
+
+
+def _end_canceled(context: dg.AssetExecutionContext, signal_name: int | None) -> None:
+    """A stop by signal ends the run CANCELED, never FAILURE.
+
+    Dagster treats an interrupted run as canceled only when its status is CANCELING (set by
+    a termination from the UI/launcher); a bare SIGTERM/SIGINT (process manager, Ctrl-C on
+    `planpipe dev`) would otherwise be recorded as an unexpected failure.
+    """
+    run = context.instance.get_run_by_id(context.run.run_id)
+    name = signal.Signals(signal_name).name if signal_name is not None else "stop"
+    context.log.info(f"ingest run stopped cleanly on {name}: the last batch committed, the consumer left the group")
+    if run is not None and run.status not in (dg.DagsterRunStatus.CANCELING, dg.DagsterRunStatus.CANCELED):
+        context.instance.report_run_canceling(run, message=f"ingest run stopped on {name}")

@@ -8,6 +8,7 @@ import psycopg
 from planpipe.defs.ingest.assets import BASELINES, OBSERVATIONS, query_plans_topic
 from planpipe.defs.resources import PlanpipeResource
 from planpipe.ingest import sla
+from planpipe.ingest.lag import LagUnavailable, group_lag
 from planpipe.settings import Settings
 
 
@@ -61,4 +62,35 @@ def lock_wait_sla(planpipe: PlanpipeResource) -> dg.AssetCheckResult:
     return _result(outcome, dg.AssetCheckSeverity.WARN)
 
 
-sla_checks = [consumer_lag_sla, p95_latency_sla, dlq_rate_sla, lock_wait_sla]
+@dg.asset_check(
+    asset=OBSERVATIONS,
+    description="Ingestion makes progress: fails when there is consumer lag and no batch was committed "
+    "for 60 s (counted from when lag appeared). The lag sensor replaces a stuck ingest run.",
+)
+def ingest_progress(planpipe: PlanpipeResource) -> dg.AssetCheckResult:
+    settings = planpipe.settings()
+    try:
+        lag = sum(p.lag for p in group_lag(settings, settings.consumer_group, settings.topic, timeout_s=5.0))
+    except LagUnavailable as error:
+        return dg.AssetCheckResult(
+            passed=False,
+            severity=dg.AssetCheckSeverity.ERROR,
+            metadata={"detail": dg.MetadataValue.text(f"cannot tell: Kafka not answering ({error})")},
+        )
+    with psycopg.connect(settings.pg_dsn, connect_timeout=10) as conn:
+        progress = sla.group_progress(
+            conn, settings.consumer_group, settings.topic, lag, stall_after_s=planpipe.ingest_stall_after_s
+        )
+    return dg.AssetCheckResult(
+        passed=not progress.stalled,
+        severity=dg.AssetCheckSeverity.ERROR,
+        metadata={
+            "lag": dg.MetadataValue.int(progress.lag),
+            "seconds_without_progress": dg.MetadataValue.float(round(progress.idle_s, 1)),
+            "threshold": dg.MetadataValue.float(progress.stall_after_s),
+            "detail": dg.MetadataValue.text(progress.detail),
+        },
+    )
+
+
+sla_checks = [consumer_lag_sla, p95_latency_sla, dlq_rate_sla, lock_wait_sla, ingest_progress]

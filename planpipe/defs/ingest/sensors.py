@@ -2,14 +2,21 @@
 
 import json
 import math
+import time
+from dataclasses import dataclass
 
 import dagster as dg
 import psycopg
 
-from planpipe.defs.ingest.assets import query_plans_topic
+from planpipe.defs.ingest.assets import OBSERVATIONS, ingest_micro_batches, query_plans_topic
 from planpipe.defs.ingest.jobs import INGEST_ROLE_TAG, ingest_job
+from planpipe.defs.ingest.runtime import ingest_client_id
 from planpipe.defs.resources import PlanpipeResource
-from planpipe.ingest.lag import LagUnavailable, group_lag
+from planpipe.ingest.lag import LagUnavailable, PartitionLag, group_assignments, group_lag
+from planpipe.ingest.sla import Progress, ingest_progress
+from planpipe.settings import Settings
+
+REPLACES_TAG = "planpipe/replaces"
 
 # One more consumer per this much backlog, up to the configured limit.
 LAG_PER_EXTRA_RUN = 20_000
@@ -33,11 +40,94 @@ def wanted_runs(total_lag: int, in_flight: int, limit: int) -> int:
     return max(0, desired - in_flight)
 
 
+@dataclass(frozen=True)
+class StuckRun:
+    run_id: str
+    progress: Progress
+
+
+def _last_batch_at(instance: dg.DagsterInstance, run_id: str) -> float | None:
+    """When the run last recorded a committed micro-batch (a `plan_observations` materialization)."""
+    connection = instance.get_records_for_run(
+        run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION, limit=20, ascending=False
+    )
+    for record in connection.records:
+        materialization = record.event_log_entry.asset_materialization
+        if materialization is not None and materialization.asset_key == OBSERVATIONS:
+            return float(record.event_log_entry.timestamp)
+    return None
+
+
+def _consuming_since(instance: dg.DagsterInstance, run_id: str) -> float | None:
+    """When the run's ingest step started, if it is still consuming (None: not started or done —
+    a run busy with its asset checks after the step is not stuck)."""
+    step_key = ingest_micro_batches.op.name
+    started = None
+    events = {dg.DagsterEventType.STEP_START, dg.DagsterEventType.STEP_SUCCESS, dg.DagsterEventType.STEP_FAILURE}
+    for record in instance.get_records_for_run(run_id, of_type=events).records:
+        entry = record.event_log_entry
+        if entry.step_key != step_key:
+            continue
+        if entry.dagster_event_type == dg.DagsterEventType.STEP_START:
+            started = float(entry.timestamp)
+        else:
+            return None
+    return started
+
+
+def stuck_runs(
+    instance: dg.DagsterInstance, settings: Settings, lags: list[PartitionLag], stall_after_s: float
+) -> list[StuckRun]:
+    """Ingest runs whose ingest step is consuming, with lag on their partitions and no committed batch
+    for `stall_after_s` (counted from the step's start at the earliest)."""
+    runs = instance.get_runs(dg.RunsFilter(job_name=ingest_job.name, statuses=[dg.DagsterRunStatus.STARTED]))
+    if not runs:
+        return []
+    try:
+        held = group_assignments(settings, settings.consumer_group, settings.topic)
+    except LagUnavailable:
+        held = {}
+    lag_of = {p.partition: p.lag for p in lags}
+    total = sum(lag_of.values())
+    now = time.time()
+    stuck = []
+    for run in runs:
+        started = _consuming_since(instance, run.run_id)
+        if started is None:
+            continue
+        partitions = held.get(ingest_client_id(run.run_id))
+        # Not (yet, or no longer) a member of the group: the group's lag is what it should work on.
+        lag = total if partitions is None else sum(lag_of.get(p, 0) for p in partitions)
+        progress = ingest_progress(
+            lag, now=now, last_commit_at=_last_batch_at(instance, run.run_id), expected_since=started,
+            stall_after_s=stall_after_s,
+        )  # fmt: skip
+        if progress.stalled:
+            stuck.append(StuckRun(run.run_id, progress))
+    return stuck
+
+
+def replace_stuck_runs(context: dg.SensorEvaluationContext, stuck: list[StuckRun]) -> list[str]:
+    """Terminate stuck runs (they stop between batches and end CANCELED); returns those asked to stop."""
+    replaced = []
+    for item in stuck:
+        context.log.warning(f"ingest run {item.run_id} is stuck, replacing it: {item.progress.detail}")
+        try:
+            asked = context.instance.run_launcher.terminate(item.run_id)
+        except Exception as error:
+            context.log.error(f"could not terminate stuck run {item.run_id}: {error}")
+            continue
+        if asked:
+            replaced.append(item.run_id)
+    return replaced
+
+
 @dg.sensor(
     job=ingest_job,
     minimum_interval_seconds=15,
     default_status=dg.DefaultSensorStatus.RUNNING,
-    description="Polls consumer-group lag on query-plans; records it and launches ingest runs when there is lag.",
+    description="Polls consumer-group lag on query-plans; records it, launches ingest runs when there is lag, "
+    "and replaces an ingest run that has lag but committed no batch for 60 s.",
 )
 def kafka_lag_sensor(context: dg.SensorEvaluationContext, planpipe: PlanpipeResource) -> dg.SensorResult:
     settings = planpipe.settings()
@@ -61,6 +151,16 @@ def kafka_lag_sensor(context: dg.SensorEvaluationContext, planpipe: PlanpipeReso
                 [p.lag for p in lags],
             ),
         )
+    launched = int(context.cursor or 0)
+    stuck = stuck_runs(context.instance, settings, lags, planpipe.ingest_stall_after_s) if total else []
+    replaced = replace_stuck_runs(context, stuck)
+    # Terminated runs are CANCELING now: no longer counted in flight, so replacements are launched.
+    in_flight = runs_in_flight(context.instance, ingest_job.name)
+    to_launch = wanted_runs(total, in_flight, planpipe.max_ingest_runs)
+    tags = {INGEST_ROLE_TAG: "ingest", "planpipe/lag": str(total)}
+    if replaced:
+        tags[REPLACES_TAG] = ",".join(replaced)
+    requests = [dg.RunRequest(run_key=f"ingest-{launched + i + 1}", tags=tags) for i in range(to_launch)]
     observation = dg.AssetObservation(
         asset_key=query_plans_topic.key,
         metadata={
@@ -68,17 +168,9 @@ def kafka_lag_sensor(context: dg.SensorEvaluationContext, planpipe: PlanpipeReso
             "max_partition_lag": dg.MetadataValue.int(max((p.lag for p in lags), default=0)),
             "lag_by_partition": dg.MetadataValue.json({str(p.partition): p.lag for p in lags}),
             "high_watermark_total": dg.MetadataValue.int(sum(p.high for p in lags)),
+            "stuck_runs_replaced": dg.MetadataValue.json(replaced),
         },
     )
-    launched = int(context.cursor or 0)
-    in_flight = runs_in_flight(context.instance, ingest_job.name)
-    to_launch = wanted_runs(total, in_flight, planpipe.max_ingest_runs)
-    requests = [
-        dg.RunRequest(
-            run_key=f"ingest-{launched + i + 1}", tags={INGEST_ROLE_TAG: "ingest", "planpipe/lag": str(total)}
-        )
-        for i in range(to_launch)
-    ]
     return dg.SensorResult(run_requests=requests, asset_events=[observation], cursor=str(launched + len(requests)))
 
 

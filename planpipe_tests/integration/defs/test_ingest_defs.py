@@ -1,5 +1,7 @@
 """The ingest domain's Dagster definitions against the real broker, database and instance."""
 
+import time
+
 import dagster as dg
 import psycopg
 
@@ -59,7 +61,9 @@ def test_sla_check_job_runs_every_check(
     result = job.execute_in_process(instance=dagster_instance, resources={"planpipe": planpipe_resource})
     assert result.success
     evaluations = {e.check_name: e for e in result.get_asset_check_evaluations()}
-    assert set(evaluations) == {"consumer_lag_sla", "p95_latency_sla", "dlq_rate_sla", "lock_wait_sla"}
+    assert set(evaluations) == {
+        "consumer_lag_sla", "p95_latency_sla", "dlq_rate_sla", "lock_wait_sla", "ingest_progress",
+    }  # fmt: skip
     lag = evaluations["consumer_lag_sla"]
     assert lag.passed  # 50 messages of lag is far below 15,000
     # measured = the worst partition's lag: 50 messages spread over the partitions
@@ -191,3 +195,104 @@ def test_plan_regressions_asset_and_status_job(
             (envelope.cluster_id, envelope.query_hash),
         ).fetchone()
     assert row == ("rejected", "alice")
+
+
+def test_ingest_progress_check_fails_on_lag_without_commits_and_passes_after_ingest(
+    settings: Settings, dagster_instance: dg.DagsterInstance, planpipe_resource: PlanpipeResource
+) -> None:
+    from planpipe.defs.ingest.checks import ingest_progress
+    from planpipe.ingest.engine import IngestEngine
+
+    create_workload(settings.pg_dsn)
+    publish(settings, make_envelopes(capture_plans(settings.pg_dsn), 120, "progress"))
+    check_job = dg.define_asset_job("progress_check", selection=dg.AssetSelection.checks(ingest_progress))
+    job_defs = dg.Definitions(
+        assets=[ingest_micro_batches], asset_checks=[ingest_progress], jobs=[check_job],
+        resources={"planpipe": planpipe_resource},
+    )  # fmt: skip
+
+    def evaluate() -> dg.AssetCheckEvaluation:
+        result = job_defs.resolve_job_def("progress_check").execute_in_process(instance=dagster_instance)
+        assert result.success
+        (evaluation,) = result.get_asset_check_evaluations()
+        return evaluation
+
+    # The lag sensor saw this lag 2 minutes ago and nothing has been committed since.
+    with psycopg.connect(settings.pg_dsn, autocommit=True) as conn:
+        conn.execute(
+            """INSERT INTO planpipe.lag_samples (consumer_group, topic, partition, high_watermark, committed, lag,
+                                                 sampled_at)
+               VALUES (%s, %s, 0, 120, 0, 120, now() - interval '2 minutes')""",
+            (settings.consumer_group, settings.topic),
+        )
+    stuck = evaluate()
+    assert not stuck.passed
+    assert stuck.metadata["lag"].value == 120
+    assert stuck.metadata["seconds_without_progress"].value >= 119  # type: ignore[operator]
+    assert "STALLED" in str(stuck.metadata["detail"].value)
+
+    engine = IngestEngine(settings)
+    try:
+        assert engine.run(until_caught_up=True, max_seconds=120).caught_up
+    finally:
+        engine.close()
+    time.sleep(1.5)  # the engine's Kafka commit is asynchronous
+    caught_up = evaluate()
+    assert caught_up.passed
+    assert caught_up.metadata["lag"].value == 0
+
+
+def test_graceful_stop_turns_sigterm_into_a_clean_end_between_batches(
+    settings: Settings, dagster_instance: dg.DagsterInstance, planpipe_resource: PlanpipeResource
+) -> None:
+    """SIGTERM to the process running the ingest asset: the batch in flight commits, the run
+    is not a failure, and what is committed is exactly what the store's offsets say."""
+    import os
+    import signal
+    import threading
+
+    create_workload(settings.pg_dsn)
+    publish(settings, make_envelopes(capture_plans(settings.pg_dsn), 3000, "sigterm"))
+    slow = PlanpipeResource(**{**planpipe_resource.model_dump(), "ingest_max_seconds": 120})
+
+    def first_batch_committed() -> bool:
+        with psycopg.connect(settings.pg_dsn) as conn:
+            row = conn.execute(
+                "SELECT count(*) FROM planpipe.ingest_batches WHERE consumer_group = %s", (settings.consumer_group,)
+            ).fetchone()
+        return bool(row and row[0])
+
+    def terminate_after_first_batch() -> None:
+        deadline = time.monotonic() + 60
+        while not first_batch_committed() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    killer = threading.Thread(target=terminate_after_first_batch, daemon=True)
+    killer.start()
+    started = time.monotonic()
+    result = dg.materialize(
+        [ingest_micro_batches], instance=dagster_instance, resources={"planpipe": slow},
+        selection=dg.AssetSelection.assets(ingest_micro_batches), tags={"test": "sigterm"},
+    )  # fmt: skip
+    killer.join(5)
+    assert result.success
+    assert time.monotonic() - started < 60
+    totals = next(
+        m.materialization.metadata
+        for m in result.get_asset_materialization_events()
+        if m.asset_key == OBSERVATIONS and "stopped_by_signal" in m.materialization.metadata
+    )
+    assert totals["stopped_by_signal"].value is True
+    assert totals["caught_up"].value is False  # it stopped on the signal, not because it ran out of work
+    with psycopg.connect(settings.pg_dsn) as conn:
+        batches = conn.execute(
+            "SELECT count(*), coalesce(sum(consumed), 0) FROM planpipe.ingest_batches WHERE consumer_group = %s",
+            (settings.consumer_group,),
+        ).fetchone()
+    assert batches is not None
+    assert batches[0] == totals["batches"].value
+    assert 0 < int(batches[1]) < 3000  # type: ignore[call-overload]
+    # The run was told it is stopping: it is CANCELING (ends CANCELED) or already SUCCESS, never FAILURE.
+    run = dagster_instance.get_run_by_id(result.run_id)
+    assert run is not None and run.status != dg.DagsterRunStatus.FAILURE

@@ -1,0 +1,193 @@
+"""Stop what `planpipe dev` / `planpipe demo` started: runs first, then every process of the tree.
+
+Dagster processes run in their own session (a terminal's Ctrl-C reaches planpipe
+only), so planpipe decides the order: ask in-flight runs to stop (they finish
+their batch and end CANCELED), signal the Dagster leader, wait for the whole tree
+— including processes that were re-parented when their parent exited — and
+escalate to SIGTERM, then SIGKILL, within a fixed budget.
+"""
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+import psutil
+
+from planpipe.settings import Settings
+
+if TYPE_CHECKING:
+    import dagster as dg
+
+logger = logging.getLogger("planpipe.demo")
+
+_NOT_STARTED = ("QUEUED", "NOT_STARTED")
+_RUNNING = ("STARTING", "STARTED")
+
+
+@dataclass
+class StopReport:
+    seconds: float = 0.0
+    runs_asked_to_stop: list[str] = field(default_factory=list)
+    runs_canceled_before_start: list[str] = field(default_factory=list)
+    runs_marked_canceled_after_kill: list[str] = field(default_factory=list)
+    processes: int = 0
+    escalated_to_sigterm: int = 0
+    escalated_to_sigkill: int = 0
+
+    def as_dict(self) -> dict[str, object]:
+        return dict(self.__dict__)
+
+
+def open_instance(settings: Settings) -> "dg.DagsterInstance":
+    import dagster as dg
+
+    os.environ["PLANPIPE_DAGSTER_PG_DSN"] = settings.dagster_pg_dsn
+    return dg.DagsterInstance.from_config(str(settings.dagster_home))
+
+
+@contextlib.contextmanager
+def interrupt_on_termination() -> Iterator[None]:
+    """SIGINT, SIGTERM and SIGHUP raise KeyboardInterrupt inside the block (SIGINT too when it was
+    ignored at start-up, as for a background job of a non-interactive shell)."""
+
+    def _raise(_signo: int, _frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    previous = {signo: signal.signal(signo, _raise) for signo in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for signo, handler in previous.items():
+            signal.signal(signo, handler)
+
+
+@contextlib.contextmanager
+def shielded() -> Iterator[None]:
+    """While cleaning up, further Ctrl-C/SIGTERM do not cut the clean-up short (it is bounded)."""
+    previous = {signo: signal.signal(signo, signal.SIG_IGN) for signo in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signo, handler in previous.items():
+            signal.signal(signo, handler)
+
+
+def _in_flight(instance: "dg.DagsterInstance") -> list[Any]:
+    import dagster as dg
+
+    statuses = [dg.DagsterRunStatus(name) for name in (*_NOT_STARTED, *_RUNNING, "CANCELING")]
+    return list(instance.get_runs(dg.RunsFilter(statuses=statuses)))
+
+
+def ask_runs_to_stop(instance: "dg.DagsterInstance", report: StopReport) -> list[Any]:
+    """Runs not started yet are canceled; running ones are terminated the way the UI does it
+    (CANCELING, then an interrupt the ingest asset turns into a stop between batches)."""
+    pending = []
+    for run in _in_flight(instance):
+        status = run.status.value
+        if status in _NOT_STARTED:
+            instance.report_run_canceled(run, message="planpipe is stopping: run canceled before it started")
+            report.runs_canceled_before_start.append(run.run_id)
+            continue
+        pending.append(run)
+        if status in _RUNNING and run.run_id not in report.runs_asked_to_stop:
+            report.runs_asked_to_stop.append(run.run_id)
+            try:
+                if not instance.run_launcher.terminate(run.run_id):
+                    instance.report_run_canceling(run, message="planpipe is stopping")
+            except Exception as error:  # code server already gone: the signals reach the run
+                logger.info("could not terminate run %s through its code server: %s", run.run_id, error)
+                instance.report_run_canceling(run, message="planpipe is stopping")
+    return pending
+
+
+def _tree(pid: int) -> list[psutil.Process]:
+    try:
+        leader = psutil.Process(pid)
+        return [leader, *leader.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _alive(processes: dict[int, psutil.Process]) -> list[psutil.Process]:
+    alive = []
+    for process in processes.values():
+        try:
+            if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+                alive.append(process)
+        except psutil.NoSuchProcess:
+            continue
+    return alive
+
+
+def stop(
+    process: subprocess.Popen[bytes],
+    *,
+    instance: "dg.DagsterInstance | None" = None,
+    first_signal: int = signal.SIGINT,
+    budget_s: float = 13.0,
+    term_s: float = 2.5,
+) -> StopReport:
+    """Stop the runs of `instance` and the process tree of `process` (the leader of its own
+    process group: started with start_new_session=True), all within `budget_s`.
+
+    Runs are asked to stop first (CANCELING, so an interrupted run ends CANCELED), then the
+    whole group gets `first_signal` (what a terminal's Ctrl-C does to a foreground job)."""
+    started = time.monotonic()
+    deadline = started + budget_s
+    report = StopReport()
+    known = {p.pid: p for p in _tree(process.pid)}
+    if instance is not None:
+        try:
+            ask_runs_to_stop(instance, report)
+        except Exception as error:
+            logger.warning("could not reach the Dagster instance to stop runs: %s", error)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, first_signal)
+    # Wait for the tree to exit; keep collecting descendants (a parent that exits re-parents its
+    # children out of the tree) and keep stopping runs the daemon launched meanwhile.
+    escalate_at = deadline - term_s
+    while time.monotonic() < escalate_at:
+        for child in _tree(process.pid):
+            known.setdefault(child.pid, child)
+        if instance is not None:
+            with contextlib.suppress(Exception):
+                ask_runs_to_stop(instance, report)
+        process.poll()
+        if not _alive(known):
+            break
+        time.sleep(0.2)
+    report.processes = len(known)
+    left = _alive(known)
+    if left:
+        report.escalated_to_sigterm = len(left)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGTERM)
+        for child in left:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.terminate()
+        _, left = psutil.wait_procs(left, timeout=max(0.5, deadline - time.monotonic()))
+        left = _alive({p.pid: p for p in left})
+    if left:
+        report.escalated_to_sigkill = len(left)
+        for child in left:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
+        psutil.wait_procs(left, timeout=2)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=1)
+    if instance is not None:
+        with contextlib.suppress(Exception):
+            # Whatever is still unfinished lost its processes with the stop: it was canceled.
+            for run in _in_flight(instance):
+                instance.report_run_canceled(run, message="planpipe stopped: the run's processes were stopped")
+                report.runs_marked_canceled_after_kill.append(run.run_id)
+    report.seconds = round(time.monotonic() - started, 2)
+    return report

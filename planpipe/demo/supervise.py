@@ -27,8 +27,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("planpipe.demo")
 
-_NOT_STARTED = ("QUEUED", "NOT_STARTED")
-_RUNNING = ("STARTING", "STARTED")
+# A run still STARTING has no execution to interrupt yet (a termination then makes its worker exit
+# without an event, and the code server records a failure): it is canceled outright.
+_NOT_STARTED = ("QUEUED", "NOT_STARTED", "STARTING")
+_RUNNING = ("STARTED",)
 
 
 @dataclass

@@ -97,50 +97,116 @@ def _count(conn: psycopg.Connection[tuple[object, ...]], sql: str, since: dateti
     return int(row[0] or 0) if row else 0  # type: ignore[call-overload]
 
 
+def _findings(conn: psycopg.Connection[tuple[object, ...]], since: datetime) -> list[dict[str, object]]:
+    if conn.execute("SELECT to_regclass('planpipe.plan_regressions')").fetchone() == (None,):
+        return []
+    rows = conn.execute(
+        """SELECT id, cluster_id, query_hash, kind, severity, status, left(baseline_fingerprint, 12),
+                  left(new_fingerprint, 12), length(diff_markdown)
+           FROM planpipe.plan_regressions WHERE last_detected >= %s ORDER BY id""",
+        (since,),
+    ).fetchall()
+    keys = ("id", "cluster_id", "query_hash", "kind", "severity", "status", "baseline", "new", "diff_chars")
+    return [dict(zip(keys, row, strict=True)) for row in rows]
+
+
+def _regression_materializations(settings: Settings, since: datetime) -> list[dict[str, object]]:
+    """What the plan_regressions asset showed in Dagster: per materialization, its findings and plots."""
+    import dagster as dg
+
+    instance = dg.DagsterInstance.from_config(str(settings.dagster_home))
+    try:
+        records = instance.fetch_materializations(dg.AssetKey("plan_regressions"), limit=50).records
+        shown: list[dict[str, object]] = []
+        for record in records:
+            if record.timestamp < since.timestamp() or record.asset_materialization is None:
+                continue
+            metadata = record.asset_materialization.metadata
+            shown.append({
+                "run_id": record.run_id,
+                "open_findings": metadata["open_findings"].value if "open_findings" in metadata else None,
+                "has_report": "report" in metadata,
+                "plots": sorted(key for key in metadata if key.startswith("p50_ms")),
+            })  # fmt: skip
+        return shown
+    finally:
+        instance.dispose()
+
+
 def _demo(args: argparse.Namespace, settings: Settings) -> int:
     from planpipe import stack
+    from planpipe.demo import supervise
     from planpipe.demo.traffic import run_traffic
+    from planpipe.ingest.lag import LagUnavailable, group_lag
 
     stack.up(settings)
     since = datetime.now(UTC)
     daemon = start_daemon(settings, settings.home / "demo-daemon.log")
     print(f"dagster-daemon started (log: {settings.home / 'demo-daemon.log'}); traffic for {args.duration:.0f}s",
           file=sys.stderr)  # fmt: skip
+    instance = supervise.open_instance(settings)
+    stopped = None
+    traffic = None
     try:
-        traffic = run_traffic(settings, duration_s=args.duration, interval_s=args.interval)
-        deadline = time.monotonic() + args.settle
-        # Let the sensors see the last traffic and the runs they launch finish.
-        time.sleep(min(30.0, args.settle))
-        while time.monotonic() < deadline:
-            runs = _runs_since(settings, since)
-            if runs and all(run.is_finished for run in runs):
-                break
-            time.sleep(5)
+        with supervise.interrupt_on_termination():
+            traffic = run_traffic(settings, duration_s=args.duration, interval_s=args.interval)
+            deadline = time.monotonic() + args.settle
+            # Let the sensors see the last traffic and the runs they launch finish (ingest runs end
+            # when caught up).
+            time.sleep(min(30.0, args.settle))
+            while time.monotonic() < deadline:
+                runs = _runs_since(settings, since)
+                if runs and all(run.is_finished for run in runs):
+                    break
+                time.sleep(5)
+    except KeyboardInterrupt:
+        print("planpipe demo: interrupted, stopping runs and the daemon", file=sys.stderr)
     finally:
-        stop_process_group(daemon)
+        with supervise.shielded():
+            # Runs still going are asked to stop (they end CANCELED), then the daemon's tree.
+            stopped = supervise.stop(daemon, instance=instance, first_signal=signal.SIGTERM)
+            instance.dispose()
     runs = _runs_since(settings, since)
     by_job: Counter[str] = Counter(f"{run.job_name}:{run.status.value}" for run in runs)
+    failed = [f"{run.job_name}:{run.run_id}" for run in runs if run.status.value == "FAILURE"]
     checks = _check_outcomes(settings, [run.run_id for run in runs])
     with psycopg.connect(settings.pg_dsn) as conn:
         ingested = _count(conn, "SELECT sum(valid) FROM planpipe.ingest_batches WHERE committed_at >= %s", since)
         replayed = _count(conn, "SELECT count(*) FROM planpipe.dlq_replays WHERE replayed_at >= %s", since)
         parked = _count(conn, "SELECT count(*) FROM planpipe.dlq_parked WHERE parked_at >= %s", since)
-        regressions = _count(conn, "SELECT count(*) FROM planpipe.plan_regressions WHERE last_detected >= %s", since)
+        findings = _findings(conn, since)
+    try:
+        lags = group_lag(settings, settings.consumer_group, settings.topic, timeout_s=10.0)
+        final_lag: dict[str, int] | str = {str(p.partition): p.lag for p in lags}
+    except LagUnavailable as error:
+        final_lag = f"unavailable: {error}"
     summary = {
         "duration_s": args.duration,
-        "traffic": traffic.as_dict(),
+        "traffic": traffic.as_dict() if traffic is not None else None,
+        "published": traffic.published if traffic is not None else 0,
+        "ingested": ingested,
+        "replayed": replayed,
+        "parked": parked,
+        "findings": findings,
+        "open_findings": sum(1 for f in findings if f["status"] == "open"),
+        "plan_regressions_materializations": _regression_materializations(settings, since),
+        "failed_runs": failed,
+        "final_lag": final_lag,
+        "final_lag_total": sum(final_lag.values()) if isinstance(final_lag, dict) else None,
         "runs_launched": len(runs),
         "runs_by_job_and_status": dict(sorted(by_job.items())),
-        "envelopes_ingested": ingested,
-        "dlq_replayed": replayed,
-        "dlq_parked": parked,
         "checks_passed": checks["passed"],
         "checks_failed": checks["failed"],
         "checks_by_name": {k: v for k, v in sorted(checks.items()) if ":" in k},
-        "regression_findings": regressions,
+        "stop": stopped.as_dict() if stopped is not None else None,
+        # names kept for existing readers
+        "envelopes_ingested": ingested,
+        "dlq_replayed": replayed,
+        "dlq_parked": parked,
+        "regression_findings": len(findings),
     }
-    print(json.dumps(summary, indent=2, sort_keys=True))
-    return 0
+    print(json.dumps(summary, indent=2, sort_keys=True, default=str))
+    return 0 if not failed else 1
 
 
 def run_traffic_in_background(settings: Settings, interval_s: float = 3.0) -> tuple[threading.Thread, threading.Event]:

@@ -34,12 +34,36 @@ def plan_regressions(context: dg.AssetExecutionContext, planpipe: PlanpipeResour
             metadata[key] = dg.MetadataValue.float(value)
         else:
             metadata[key] = dg.MetadataValue.text(str(value))
-    # One plottable series per open finding: the new plan's p50 over successive detections.
+    open_findings = [f for f in result.findings if f.status == "open"]
+    metadata["open_findings"] = dg.MetadataValue.int(len(open_findings))
+    if result.findings:
+        metadata["findings"] = dg.MetadataValue.table(
+            records=[
+                dg.TableRecord({
+                    "id": int(f.id), "kind": f.kind, "severity": f.severity, "status": f.status,
+                    "cluster": f.cluster_id, "query_hash": f.query_hash,
+                    "baseline_plan": f.baseline_fingerprint[:12], "new_plan": f.new_fingerprint[:12],
+                    "ratio_p50": float(f.ratio_p50) if f.ratio_p50 is not None else 0.0,
+                })
+                for f in result.findings[:50]
+            ],
+        )  # fmt: skip
+        top = open_findings[0] if open_findings else result.findings[0]
+        metadata["top_finding_diff"] = dg.MetadataValue.md(top.to_markdown())
+    # Plottable series (Dagster plots a numeric metadata key across materializations): per finding,
+    # the p50/p95 of the baseline plan and of the new plan, keyed by query and plan fingerprint.
     for finding in result.findings[:20]:
-        new_side = finding.evidence.get("new", {})
-        if isinstance(new_side, dict) and isinstance(new_side.get("p50_ms"), int | float):
-            label = f"p50_ms {finding.kind} {finding.cluster_id}/{finding.query_hash[:16]}"
-            metadata[label] = dg.MetadataValue.float(float(new_side["p50_ms"]))
+        for side, fingerprint in (("baseline", finding.baseline_fingerprint), ("new", finding.new_fingerprint)):
+            stats = finding.evidence.get(side, {})
+            if not isinstance(stats, dict):
+                continue
+            for quantile in ("p50_ms", "p95_ms"):
+                measured = stats.get(quantile)
+                if isinstance(measured, int | float):
+                    label = (
+                        f"{quantile} {finding.cluster_id}/{finding.query_hash[:16]} plan {fingerprint[:12]} ({side})"
+                    )
+                    metadata[label] = dg.MetadataValue.float(float(measured))
     context.log.info(f"{len(result.findings)} findings, {len(result.resolved)} auto-resolved")
     return dg.MaterializeResult(metadata=metadata)
 

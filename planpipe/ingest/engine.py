@@ -33,18 +33,16 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Final, TypeVar
+from typing import Final
 
-import psycopg
-from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from planpipe.contract import EnvelopeDecoder, Reason
-from planpipe.dlq import DeadLetter
-from planpipe.ingest import baseline_sink, faults, isolate, metrics, parquet_sink
+from planpipe.ingest import baseline_sink, faults, isolate, metrics, parquet_sink, sinks
 from planpipe.ingest.batch import PreparedBatch, prepare_batch
 from planpipe.ingest.breaker import LatencyBreaker, LockWaitThrottle
-from planpipe.kafka_config import consumer_config, producer_config
-from planpipe.plans.fingerprint import identify_plan
+from planpipe.ingest.sinks import Abandoned
+from planpipe.kafka_config import consumer_config
 from planpipe.routing.router import RoutingConfig
 from planpipe.settings import Settings
 
@@ -53,7 +51,6 @@ logger = logging.getLogger("planpipe.ingest")
 _KNOWN_FINGERPRINTS_MAX: Final = 200_000
 # Watchdog: lag and no committed batch for this long means the run is stuck.
 STALL_AFTER_S: Final = 60.0
-_T = TypeVar("_T")
 
 
 def _fault_point(name: str) -> None:
@@ -73,26 +70,6 @@ def _fault_point(name: str) -> None:
 
 
 _FAULT_COUNTS: dict[str, int] = {}
-
-
-class _Abandoned(Exception):
-    """A stop was requested while a batch waited out a fault: it is dropped uncommitted (safe)."""
-
-
-class _DeliveryReports:
-    def __init__(self) -> None:
-        self.failed: list[DeadLetter] = []
-        self.errors: list[str] = []
-        self.count = 0
-
-    def callback(self, letter: DeadLetter) -> Callable[[KafkaError | None, Message], None]:
-        def delivered(error: KafkaError | None, _message: Message) -> None:
-            self.count += 1
-            if error is not None:
-                self.failed.append(letter)
-                self.errors.append(str(error))
-
-        return delivered
 
 
 @dataclass(frozen=True)
@@ -167,23 +144,18 @@ class IngestEngine:
         self._stop = threading.Event()
         self._last_commit = time.monotonic()
         self._last_stall_warning = 0.0
-        self._warned: dict[str, float] = {}
-        self._conn = psycopg.connect(settings.pg_dsn, autocommit=True)
+        self._warn = faults.OncePerMinute(logger)
+        self._consumer_retries = 0
+        self._sinks = sinks.BatchSinks(settings, self._stop, self.throttle, self._warn, client_id)
         conf = consumer_config(settings, settings.consumer_group, **{"client.id": client_id})
         # A member that died keeps its partitions until its session times out; only
         # after that (plus a rebalance) may "no assignment" mean "nothing for us".
         self._assignment_grace_s = float(str(conf["session.timeout.ms"])) / 1000 + 15
         self._consumer = Consumer(conf)
-        dlq_options: dict[str, str | int | bool] = {"client.id": f"{client_id}-dlq", "linger.ms": 5}
-        self._dlq = Producer(producer_config(settings, **dlq_options))
 
     # -- partition assignment: PostgreSQL is the source of truth for positions ------------
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        stored = self._with_pg_retry(
-            "read stored offsets",
-            lambda: baseline_sink.stored_offsets(self._conn, self.settings.consumer_group, self.settings.topic),
-            RunSummary(),
-        )
+        stored = self._sinks.stored_offsets()
         for tp in partitions:
             # Files at or past the stored offset were never committed; with no stored
             # offset nothing of this partition was, so all of its files go.
@@ -223,8 +195,7 @@ class IngestEngine:
         try:
             self._consumer.close()
         finally:
-            self._dlq.flush(10)
-            self._conn.close()
+            self._sinks.close()
 
     # -- the loop -----------------------------------------------------------------------
     def run(self, *, until_caught_up: bool = False, max_seconds: float | None = None) -> RunSummary:
@@ -242,8 +213,8 @@ class IngestEngine:
             except KafkaException as error:
                 if not faults.is_transient(error):
                     raise
-                summary.kafka_retries += 1
-                self._warn_once_a_minute("consume", f"consumer error, retrying: {error}")
+                self._consumer_retries += 1
+                self._warn("consume", f"consumer error, retrying: {error}")
                 consume_backoff.wait()
                 continue
             consume_backoff.reset()
@@ -258,7 +229,7 @@ class IngestEngine:
             idle_polls = 0
             try:
                 report = self._process(records, summary)
-            except _Abandoned:
+            except Abandoned:
                 summary.abandoned_batches += 1
                 logger.info("stop requested: uncommitted batch abandoned (it is consumed again by the next run)")
                 break
@@ -271,6 +242,8 @@ class IngestEngine:
                 self._stop.wait(delay)
         summary.seconds = round(time.monotonic() - started, 3)
         summary.final_lag = self.lag()
+        summary.pg_retries = self._sinks.pg_retries
+        summary.kafka_retries = self._sinks.kafka_retries + self._consumer_retries
         return summary
 
     def _consume(self) -> list[Message]:
@@ -288,7 +261,7 @@ class IngestEngine:
         ):
             raise KafkaException(error)
         # Broker restarts surface as unknown partition / transport errors: librdkafka recovers.
-        self._warn_once_a_minute(f"record-{error.code()}", f"transient consumer error: {error}")
+        self._warn(f"record-{error.code()}", f"transient consumer error: {error}")
         return False
 
     def _caught_up(self, *, waited_s: float, idle_polls: int) -> bool:
@@ -318,14 +291,14 @@ class IngestEngine:
                     if tp.offset >= 0:
                         known[tp.partition] = tp.offset
         except KafkaException as error:
-            self._warn_once_a_minute("lag", f"lag unavailable: {error}")
+            self._warn("lag", f"lag unavailable: {error}")
             return {}
         result: dict[int, int] = {}
         for tp in assignment:
             try:
                 low, high = self._consumer.get_watermark_offsets(tp, timeout=5, cached=False)
             except KafkaException as error:  # e.g. _UNKNOWN_PARTITION while a broker restarts
-                self._warn_once_a_minute("watermarks", f"watermarks of partition {tp.partition} unavailable: {error}")
+                self._warn("watermarks", f"watermarks of partition {tp.partition} unavailable: {error}")
                 continue
             result[tp.partition] = max(0, high - known.get(tp.partition, low))
         return result
@@ -365,14 +338,6 @@ class IngestEngine:
                 ", ".join(f"{p}: {n}" for p, n in behind.items()),
             )
 
-    def _warn_once_a_minute(self, key: str, message: str) -> None:
-        now = time.monotonic()
-        if now - self._warned.get(key, -STALL_AFTER_S) >= STALL_AFTER_S:
-            self._warned[key] = now
-            logger.warning(message)
-        else:
-            logger.debug(message)
-
     # -- one batch ----------------------------------------------------------------------
     def _process(self, records: list[Message], summary: RunSummary) -> BatchReport | None:
         batch_started = time.time()
@@ -388,30 +353,37 @@ class IngestEngine:
         _fault_point("after_decode")
         published = 0
         written: list[parquet_sink.WrittenFile] = []
+        relative: list[str] = []
         data_backoff = faults.Backoff(self._stop)
         while True:
             try:
-                self._publish_dead_letters(batch.dead_letters[published:], summary)
+                self._sinks.publish_dead_letters(batch.dead_letters[published:])
                 published = len(batch.dead_letters)
-                written = self._write_parquet(batch, replacing=written, summary=summary)
+                written = self._sinks.write_parquet(batch, replacing=written)
                 _fault_point("after_parquet")
-                identities = {fp: identify_plan(text) for fp, text in batch.new_plan_samples.items()}
-                new_plans = {fp: (ident.normalized_json, ident.summary) for fp, ident in identities.items()}
+                new_plans = sinks.identify_new_plans(batch)
                 relative = [str(w.path.relative_to(self.parquet_root)) for w in written]
-                result = self._commit(batch, new_plans, relative, batch_started, summary)
+                result = self._sinks.commit(batch, new_plans, relative, batch_started)
                 break
+            except baseline_sink.StaleBatchError as stale:
+                # Another consumer committed these offsets: drop our copy, resume from the store.
+                logger.warning("stale batch discarded: %s", stale)
+                summary.stale_batches += 1
+                self._sinks.discard_uncommitted_files(relative)
+                self._seek_to_stored(batch)
+                return None
             except Exception as error:
                 if not faults.is_data_fault(error):
                     raise
-                rejects = isolate.find_rejects(batch, self._trial)
+                rejects = isolate.find_rejects(batch, self._sinks.trial)
                 if not rejects:
                     # Not one record's fault after all: retry the batch as a whole.
                     logger.warning("batch refused (%s) but no record fails alone; retrying", error)
                     if not data_backoff.wait():
-                        raise _Abandoned from error
+                        raise Abandoned from error
                     continue
+                obs = batch.observations
                 for index, reason in rejects.items():
-                    obs = batch.observations
                     logger.warning(
                         "record %s[%s]@%s refused by a sink, dead-lettered: %s",
                         obs.kafka_topic[index], obs.kafka_partition[index], obs.kafka_offset[index], reason,
@@ -419,8 +391,6 @@ class IngestEngine:
                 batch = isolate.without_rejects(batch, rejects, records)
                 summary.sink_rejected += len(rejects)
                 metrics.SINK_REJECTED.inc(len(rejects))
-        if result is None:
-            return None
         _fault_point("after_pg_commit")
         self._last_commit = time.monotonic()
         self._remember(new_plans)
@@ -467,142 +437,8 @@ class IngestEngine:
             return {}
         return {tp.partition: tp.offset for tp in found if tp.offset >= 0}
 
-    def _trial(self, batch: PreparedBatch) -> str | None:
-        """Would the sinks take these observations? Writes nothing that stays."""
-        try:
-            parquet_sink.check_writable(batch.observations)
-            identities = {fp: identify_plan(text) for fp, text in batch.new_plan_samples.items()}
-            new_plans = {fp: (ident.normalized_json, ident.summary) for fp, ident in identities.items()}
-            baseline_sink.commit_batch(
-                self._conn, self.settings.consumer_group, batch, new_plans, [], time.time(), dry_run=True
-            )
-        except baseline_sink.StaleBatchError:
-            return None  # not about the data; the real commit sees it again
-        except Exception as error:
-            if faults.is_data_fault(error):
-                return f"{type(error).__name__}: {str(error).strip()}"
-            raise
-        return None
-
-    def _publish_dead_letters(self, letters: Sequence[DeadLetter], summary: RunSummary) -> None:
-        """Publish and wait for every ack; failed deliveries are re-sent after a backoff."""
-        pending = list(letters)
-        backoff = faults.Backoff(self._stop, max_s=10.0)
-        while pending:
-            reports = _DeliveryReports()
-            for letter in pending:
-                self._dlq.produce(
-                    self.settings.dlq_topic, value=letter.value, key=letter.key, headers=list(letter.headers()),
-                    on_delivery=reports.callback(letter),
-                )  # fmt: skip
-            # Delivery reports come within message.timeout.ms, success or not.
-            while reports.count < len(pending):
-                self._dlq.poll(0.5)
-                if self._stop.is_set() and self._dlq.flush(5) > 0:
-                    raise _Abandoned
-            pending = reports.failed
-            if pending:
-                summary.kafka_retries += 1
-                self._warn_once_a_minute("dlq", f"DLQ delivery of {len(pending)} failed, retrying: {reports.errors[0]}")
-                if not backoff.wait():
-                    raise _Abandoned
-
-    def _write_parquet(
-        self, batch: PreparedBatch, *, replacing: Sequence[parquet_sink.WrittenFile], summary: RunSummary
-    ) -> list[parquet_sink.WrittenFile]:
-        ranges = [(r.topic, r.partition, r.first, r.last) for r in batch.offset_ranges.values()]
-        written = self._retrying(
-            "write Parquet", lambda: parquet_sink.write_batch(self.parquet_root, batch.observations, ranges), summary
-        )
-        # A rewrite after records were dead-lettered may leave a (route, date) group empty.
-        kept = {w.path for w in written}
-        for old in replacing:
-            if old.path not in kept:
-                old.path.unlink(missing_ok=True)
-        return written
-
-    def _commit(
-        self,
-        batch: PreparedBatch,
-        new_plans: dict[str, tuple[str, str]],
-        files: list[str],
-        started_at: float,
-        summary: RunSummary,
-    ) -> baseline_sink.CommitResult | None:
-        # Once an attempt timed out on a lock, everything since that attempt began (its wait,
-        # the backoff, later waits) is time the batch spent blocked by locks.
-        blocked_since: float | None = None
-
-        def attempt() -> baseline_sink.CommitResult:
-            nonlocal blocked_since
-            started = time.perf_counter()
-            earlier_ms = 0.0 if blocked_since is None else (started - blocked_since) * 1000
-            try:
-                return baseline_sink.commit_batch(
-                    self._conn, self.settings.consumer_group, batch, new_plans, files, started_at,
-                    earlier_lock_wait_ms=earlier_ms,
-                )  # fmt: skip
-            except baseline_sink.LockWaitTimeout as timeout:
-                # Still waiting: the throttle and the gauge see it now, the batch row later.
-                blocked_since = started if blocked_since is None else blocked_since
-                waited_ms = earlier_ms + timeout.waited_ms
-                self.throttle.record(waited_ms)
-                metrics.LOCK_WAIT_MS.set(waited_ms)
-                raise
-
-        try:
-            return self._with_pg_retry("commit the batch", attempt, summary)
-        except baseline_sink.StaleBatchError as stale:
-            # Another consumer committed these offsets: drop our copy, resume from the store.
-            logger.warning("stale batch discarded: %s", stale)
-            summary.stale_batches += 1
-            self._discard_stale(batch, files)
-            return None
-
-    def _with_pg_retry(self, what: str, step: Callable[[], _T], summary: RunSummary) -> _T:
-        backoff = faults.Backoff(self._stop)
-        while True:
-            try:
-                return step()
-            except Exception as error:
-                if not faults.is_transient(error):
-                    raise
-                summary.pg_retries += 1
-                self._warn_once_a_minute(
-                    f"pg-{what}", f"baseline store: {what} failed ({type(error).__name__}: {error}); retrying"
-                )
-                if not backoff.wait():
-                    raise _Abandoned from error
-                if self._conn.closed or self._conn.broken:
-                    try:
-                        self._conn = psycopg.connect(self.settings.pg_dsn, autocommit=True)
-                    except psycopg.OperationalError as reconnect:
-                        logger.debug("reconnect failed: %s", reconnect)
-
-    def _retrying(self, what: str, step: Callable[[], _T], summary: RunSummary) -> _T:
-        """Local I/O (disk full, a stale NFS handle): retried like the store."""
-        backoff = faults.Backoff(self._stop)
-        while True:
-            try:
-                return step()
-            except OSError as error:
-                self._warn_once_a_minute(what, f"{what} failed ({error}); retrying")
-                if not backoff.wait():
-                    raise _Abandoned from error
-
-    def _discard_stale(self, batch: PreparedBatch, files: list[str]) -> None:
-        committed = {
-            str(row[0])
-            for row in self._conn.execute(
-                """SELECT f FROM planpipe.ingest_batches, jsonb_array_elements_text(parquet_files) AS f
-                   WHERE f = ANY(%s)""",
-                (files,),
-            )
-        }
-        for name in files:
-            if name not in committed:
-                (self.parquet_root / name).unlink(missing_ok=True)
-        stored = baseline_sink.stored_offsets(self._conn, self.settings.consumer_group, self.settings.topic)
+    def _seek_to_stored(self, batch: PreparedBatch) -> None:
+        stored = self._sinks.stored_offsets()
         assigned = {tp.partition for tp in self._consumer.assignment()}
         for span in batch.offset_ranges.values():
             if span.partition in assigned and span.partition in stored:

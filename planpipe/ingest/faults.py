@@ -8,7 +8,9 @@ engine isolates the records at fault and dead-letters them. Anything else is a
 bug and ends the run loudly.
 """
 
+import logging
 import threading
+import time
 from typing import Final
 
 import polars as pl
@@ -64,3 +66,20 @@ class Backoff:
     def reset(self) -> None:
         self.next_s = self._first_s
         self.attempts = 0
+
+
+class OncePerMinute:
+    """A warning per key at most once a minute; the repeats go to debug."""
+
+    def __init__(self, logger: logging.Logger, every_s: float = 60.0) -> None:
+        self._logger = logger
+        self._every_s = every_s
+        self._last: dict[str, float] = {}
+
+    def __call__(self, key: str, message: str) -> None:
+        now = time.monotonic()
+        if now - self._last.get(key, -self._every_s) >= self._every_s:
+            self._last[key] = now
+            self._logger.warning(message)
+        else:
+            self._logger.debug(message)

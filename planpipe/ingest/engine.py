@@ -51,6 +51,8 @@ logger = logging.getLogger("planpipe.ingest")
 _KNOWN_FINGERPRINTS_MAX: Final = 200_000
 # Watchdog: lag and no committed batch for this long means the run is stuck.
 STALL_AFTER_S: Final = 60.0
+# A micro-batch holds at most this many bytes of envelopes (500 plans of 8 MiB would be 4 GiB).
+BATCH_MAX_BYTES: Final = 64 * 1024 * 1024
 
 
 def _fault_point(name: str) -> None:
@@ -70,6 +72,21 @@ def _fault_point(name: str) -> None:
 
 
 _FAULT_COUNTS: dict[str, int] = {}
+
+
+def split_by_bytes(records: list[Message], max_bytes: int) -> list[list[Message]]:
+    """Consecutive slices of at most `max_bytes` of values (one record at least): memory stays
+    bounded when the records are large plans, whatever the message count."""
+    chunks: list[list[Message]] = [[]]
+    size = 0
+    for record in records:
+        length = len(record.value() or b"")
+        if chunks[-1] and size + length > max_bytes:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(record)
+        size += length
+    return chunks
 
 
 @dataclass(frozen=True)
@@ -227,14 +244,18 @@ class IngestEngine:
                 self._watch_progress(summary)
                 continue
             idle_polls = 0
+            # Right after consume(): past the last record and any markers behind it.
+            positions = self._positions(records)
+            chunks = split_by_bytes(records, BATCH_MAX_BYTES)
             try:
-                report = self._process(records, summary)
+                for n, chunk in enumerate(chunks, 1):
+                    report = self._process(chunk, positions if n == len(chunks) else {}, summary)
+                    if report is not None and self.on_batch is not None:
+                        self.on_batch(report)
             except Abandoned:
                 summary.abandoned_batches += 1
                 logger.info("stop requested: uncommitted batch abandoned (it is consumed again by the next run)")
                 break
-            if report is not None and self.on_batch is not None:
-                self.on_batch(report)
             self._watch_progress(summary)
             delay = self.throttle.delay_s()
             if delay:
@@ -339,10 +360,8 @@ class IngestEngine:
             )
 
     # -- one batch ----------------------------------------------------------------------
-    def _process(self, records: list[Message], summary: RunSummary) -> BatchReport | None:
+    def _process(self, records: list[Message], positions: dict[int, int], summary: RunSummary) -> BatchReport | None:
         batch_started = time.time()
-        # Right after consume(): past the batch's last record and any markers behind it.
-        positions = self._positions(records)
         batch = prepare_batch(
             records,
             self.decoder,

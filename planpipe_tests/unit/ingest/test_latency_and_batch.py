@@ -88,3 +88,19 @@ def test_prepare_batch_splits_valid_rejects_and_low_priority() -> None:
     span = batch.offset_ranges[("query-plans", 3)]
     assert (span.first, span.last) == (10, 15)
     assert len(batch.new_plan_samples) == 1
+
+
+def test_split_by_bytes_bounds_each_slice_and_keeps_order() -> None:
+    from planpipe.ingest.engine import split_by_bytes
+
+    class Sized:
+        def __init__(self, n: int) -> None:
+            self.n = n
+
+        def value(self) -> bytes:
+            return b"x" * self.n
+
+    records = [Sized(n) for n in (40, 40, 30, 100, 1, 1)]
+    chunks = split_by_bytes(records, 80)  # type: ignore[arg-type]
+    assert [[r.n for r in c] for c in chunks] == [[40, 40], [30], [100], [1, 1]]  # type: ignore[attr-defined]
+    assert split_by_bytes([], 80) == [[]]

@@ -386,8 +386,12 @@ class ReplayEngine:
             return True
         if error.code() == KafkaError._PARTITION_EOF:
             return False
-        if error.fatal() or not error.retriable():
+        if error.fatal() or error.code() in (
+            KafkaError.TOPIC_AUTHORIZATION_FAILED,
+            KafkaError.GROUP_AUTHORIZATION_FAILED,
+        ):
             raise KafkaException(error)
+        # Broker restarts surface as unknown partition / transport errors: librdkafka recovers.
         logger.warning("transient consumer error: %s", error)
         return False
 
@@ -395,22 +399,31 @@ class ReplayEngine:
         if not self._consumer.assignment():
             # Another member may own every partition; only after a session timeout is that final.
             return waited_s > self._assignment_grace_s
-        return all(lag == 0 for lag in self.lag().values())
+        lags = self.lag()
+        return len(lags) == len(self._consumer.assignment()) and all(lag == 0 for lag in lags.values())
 
     def lag(self) -> dict[int, int]:
-        """Per assigned DLQ partition: high watermark minus our position."""
-        assignment = self._consumer.assignment()
-        if not assignment:
+        """Per assigned DLQ partition: high watermark minus our position (unreadable ones omitted)."""
+        try:
+            assignment = self._consumer.assignment()
+            if not assignment:
+                return {}
+            known = {tp.partition: tp.offset for tp in self._consumer.position(assignment) if tp.offset >= 0}
+            unknown = [tp for tp in assignment if tp.partition not in known]
+            if unknown:
+                known.update(
+                    {tp.partition: tp.offset for tp in self._consumer.committed(unknown, timeout=10) if tp.offset >= 0}
+                )
+        except KafkaException as error:  # a broker restarting: unknown for now, not fatal
+            logger.warning("DLQ lag unavailable: %s", error)
             return {}
-        known = {tp.partition: tp.offset for tp in self._consumer.position(assignment) if tp.offset >= 0}
-        unknown = [tp for tp in assignment if tp.partition not in known]
-        if unknown:
-            known.update(
-                {tp.partition: tp.offset for tp in self._consumer.committed(unknown, timeout=10) if tp.offset >= 0}
-            )
         result = {}
         for tp in assignment:
-            low, high = self._consumer.get_watermark_offsets(tp, timeout=5, cached=False)
+            try:
+                low, high = self._consumer.get_watermark_offsets(tp, timeout=5, cached=False)
+            except KafkaException as error:
+                logger.warning("watermarks of DLQ partition %s unavailable: %s", tp.partition, error)
+                continue
             result[tp.partition] = max(0, high - known.get(tp.partition, low))
         return result
 

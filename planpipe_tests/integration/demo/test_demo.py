@@ -33,3 +33,8 @@ def test_planpipe_demo_runs_the_whole_loop(stack_settings: Settings) -> None:
     assert summary["dlq_replayed"] >= 1  # the legacy-agent envelopes, corrected
     assert summary["dlq_parked"] >= 1  # the broken ones
     assert summary["checks_passed"] > 0
+    assert summary["failed_runs"] == []
+    assert summary["final_lag_total"] == 0, summary["final_lag"]  # everything published was ingested
+    assert summary["ingested"] >= summary["published"]  # plus the replayed envelopes
+    # the daemon's whole tree stopped by itself or on the first signal: no escalation needed
+    assert summary["stop"]["escalated_to_sigkill"] == 0, summary["stop"]

@@ -109,4 +109,5 @@ def planpipe_resource(settings: Settings) -> "PlanpipeResource":
         replay_group=settings.replay_group,
         max_ingest_runs=2,
         ingest_max_seconds=120,
+        ingest_idle_s=0,
     )

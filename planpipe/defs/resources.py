@@ -20,7 +20,9 @@ class PlanpipeResource(dg.ConfigurableResource):  # type: ignore[type-arg]
     consumer_group: str | None = None
     replay_group: str | None = None
     max_ingest_runs: int = 2
-    ingest_max_seconds: float = 300.0
+    ingest_max_seconds: float = 1800.0
+    # Caught up with nothing new for this long: the run ends (the lag sensor starts the next).
+    ingest_idle_s: float = 120.0
     # Lag > 0 and no committed batch for this long: the run is stuck (watchdog, check, sensor).
     ingest_stall_after_s: float = 60.0
 
@@ -58,6 +60,7 @@ def planpipe_resource() -> PlanpipeResource:
         consumer_group=_from_env("PLANPIPE_CONSUMER_GROUP"),
         replay_group=_from_env("PLANPIPE_REPLAY_GROUP"),
         max_ingest_runs=_env_int("PLANPIPE_MAX_INGEST_RUNS", 2),
-        ingest_max_seconds=_env_float("PLANPIPE_INGEST_MAX_SECONDS", 300.0),
+        ingest_max_seconds=_env_float("PLANPIPE_INGEST_MAX_SECONDS", 1800.0),
+        ingest_idle_s=_env_float("PLANPIPE_INGEST_IDLE_S", 120.0),
         ingest_stall_after_s=_env_float("PLANPIPE_INGEST_STALL_AFTER_S", 60.0),
     )

@@ -2,7 +2,7 @@
 
 An ingest run is long-lived: one Dagster run per micro-batch would cost seconds of
 process start-up and could never meet the 1,200 ms p95, so a run consumes
-micro-batches until caught up (or `ingest_max_seconds`) and records one
+micro-batches until caught up and idle for `ingest_idle_s` (or `ingest_max_seconds`) and records one
 materialization of `plan_observations` per micro-batch.
 """
 
@@ -110,7 +110,9 @@ def ingest_micro_batches(
         summary: RunSummary | None = None
         with watchdog:
             try:
-                summary = engine.run(until_caught_up=True, max_seconds=planpipe.ingest_max_seconds)
+                summary = engine.run(
+                    until_caught_up=True, max_seconds=planpipe.ingest_max_seconds, idle_s=planpipe.ingest_idle_s
+                )
             except Exception as error:
                 if not stop.requested:
                     raise

@@ -110,4 +110,5 @@ def planpipe_resource(settings: Settings) -> "PlanpipeResource":
         max_ingest_runs=2,
         ingest_max_seconds=120,
         ingest_idle_s=0,
+        replay_interval_s=0,
     )

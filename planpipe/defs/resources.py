@@ -21,6 +21,8 @@ class PlanpipeResource(dg.ConfigurableResource):  # type: ignore[type-arg]
     replay_group: str | None = None
     max_ingest_runs: int = 2
     ingest_max_seconds: float = 1800.0
+    # A trickle of DLQ messages is replayed at most this often (a large backlog at once).
+    replay_interval_s: float = 120.0
     # Caught up with nothing new for this long: the run ends (the lag sensor starts the next).
     ingest_idle_s: float = 120.0
     # Lag > 0 and no committed batch for this long: the run is stuck (watchdog, check, sensor).
@@ -62,5 +64,6 @@ def planpipe_resource() -> PlanpipeResource:
         max_ingest_runs=_env_int("PLANPIPE_MAX_INGEST_RUNS", 2),
         ingest_max_seconds=_env_float("PLANPIPE_INGEST_MAX_SECONDS", 1800.0),
         ingest_idle_s=_env_float("PLANPIPE_INGEST_IDLE_S", 120.0),
+        replay_interval_s=_env_float("PLANPIPE_REPLAY_INTERVAL_S", 120.0),
         ingest_stall_after_s=_env_float("PLANPIPE_INGEST_STALL_AFTER_S", 60.0),
     )

@@ -28,8 +28,23 @@ IN_FLIGHT = [
 ]
 
 
-def runs_in_flight(instance: dg.DagsterInstance, job_name: str) -> int:
-    return int(instance.get_runs_count(dg.RunsFilter(job_name=job_name, statuses=IN_FLIGHT)))
+# An ingest run about to reach its `ingest_max_seconds` is replaced this long before it ends,
+# so its successor is consuming (and shares the partitions) before it leaves: no gap in ingestion.
+HANDOVER_S = 60.0
+
+
+def runs_in_flight(instance: dg.DagsterInstance, job_name: str, *, max_seconds: float | None = None) -> int:
+    """Runs of the job queued or running, not counting those within HANDOVER_S of `max_seconds`."""
+    runs = instance.get_runs(dg.RunsFilter(job_name=job_name, statuses=IN_FLIGHT))
+    if max_seconds is None:
+        return len(runs)
+    now = time.time()
+    retiring = 0
+    for run in runs:
+        started = _consuming_since(instance, run.run_id) if run.status == dg.DagsterRunStatus.STARTED else None
+        if started is not None and now - started >= max_seconds - HANDOVER_S:
+            retiring += 1
+    return len(runs) - retiring
 
 
 def wanted_runs(total_lag: int, in_flight: int, limit: int) -> int:
@@ -155,7 +170,7 @@ def kafka_lag_sensor(context: dg.SensorEvaluationContext, planpipe: PlanpipeReso
     stuck = stuck_runs(context.instance, settings, lags, planpipe.ingest_stall_after_s) if total else []
     replaced = replace_stuck_runs(context, stuck)
     # Terminated runs are CANCELING now: no longer counted in flight, so replacements are launched.
-    in_flight = runs_in_flight(context.instance, ingest_job.name)
+    in_flight = runs_in_flight(context.instance, ingest_job.name, max_seconds=planpipe.ingest_max_seconds)
     to_launch = wanted_runs(total, in_flight, planpipe.max_ingest_runs)
     tags = {INGEST_ROLE_TAG: "ingest", "planpipe/lag": str(total)}
     if replaced:

@@ -1,6 +1,6 @@
 """Plan intelligence in the code location: the plan_regressions asset and the plan-status job."""
 
-from typing import Literal
+from typing import Literal, cast
 
 import dagster as dg
 
@@ -9,12 +9,23 @@ from planpipe.defs.resources import PlanpipeResource
 from planpipe.plans.history import set_plan_status
 from planpipe.plans.regressions import DetectionConfig, detect_regressions
 
+# Ingest runs are long-lived, so their assets are in progress most of the time and eager() (which
+# waits for upstream runs to finish) would never fire. Detect again whenever new observations were
+# committed since the last detection, at most once a minute.
+_ANY_KEY = dg.AutomationCondition[dg.AssetKey | dg.AssetCheckKey]
+_MINUTE_TICK = cast(_ANY_KEY, dg.AutomationCondition.cron_tick_passed("* * * * *"))  # Dagster's stubs are narrower
+REDETECT = (
+    _MINUTE_TICK.since_last_handled()
+    & dg.AutomationCondition.any_deps_updated().since_last_handled()
+    & ~dg.AutomationCondition.in_progress()
+).with_label("new observations since the last detection, at most once a minute")
+
 
 @dg.asset(
     deps=[BASELINES, OBSERVATIONS],
     group_name=STORE_GROUP,
     kinds={"postgres", "polars"},
-    automation_condition=dg.AutomationCondition.eager(),
+    automation_condition=REDETECT,
     description=(
         "Queries whose recent executions use a plan other than the accepted baseline, compared on raw "
         "latencies (Mann-Whitney U): plan flips that regressed or improved, same plan slower, with "

@@ -1,5 +1,8 @@
 """DLQ sensor and replay asset against the real broker, database and Dagster instance."""
 
+import json
+import time
+
 import dagster as dg
 import msgspec
 import psycopg
@@ -52,3 +55,26 @@ def test_dlq_sensor_launches_replay_and_replay_corrects(
             "SELECT count(*) FROM planpipe.dlq_parked WHERE dlq_topic = %s", (settings.dlq_topic,)
         ).fetchone()
     assert parked == (1,)
+
+
+def test_a_trickle_is_batched_until_the_interval_passes(
+    settings: Settings, dagster_instance: dg.DagsterInstance, planpipe_resource: PlanpipeResource
+) -> None:
+    batched = PlanpipeResource(**{**planpipe_resource.model_dump(), "replay_interval_s": 120.0})
+    producer = Producer(producer_config(settings))
+    letter = DeadLetter(b"{garbage", None, Reason.MALFORMED_JSON, None, "bad", "ingest")
+    producer.produce(settings.dlq_topic, value=letter.value, headers=list(letter.headers()))
+    assert producer.flush(30) == 0
+
+    def tick(cursor: str | None) -> dg.SensorResult:
+        context = dg.build_sensor_context(instance=dagster_instance, resources={"planpipe": batched}, cursor=cursor)
+        result = dlq_sensor(context)
+        assert isinstance(result, dg.SensorResult)
+        return result
+
+    first = tick(None)  # never launched: due
+    assert len(first.run_requests or []) == 1
+    soon = tick(first.cursor)
+    assert not soon.run_requests and "batched" in str(soon.skip_reason)
+    later = tick(json.dumps({"high": 0, "launched_at": time.time() - 121}))
+    assert len(later.run_requests or []) == 1

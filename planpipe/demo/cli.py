@@ -62,11 +62,11 @@ def stop_process_group(process: subprocess.Popen[bytes], timeout_s: float = 30.0
         process.wait()
 
 
-def _total_lag(settings: Settings) -> int | None:
+def _total_lag(settings: Settings, group: str, topic: str) -> int | None:
     from planpipe.ingest.lag import LagUnavailable, group_lag
 
     try:
-        return sum(p.lag for p in group_lag(settings, settings.consumer_group, settings.topic, timeout_s=10.0))
+        return sum(p.lag for p in group_lag(settings, group, topic, timeout_s=10.0))
     except LagUnavailable:
         return None
 
@@ -161,13 +161,15 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
             traffic = run_traffic(settings, duration_s=args.duration, interval_s=args.interval)
             deadline = time.monotonic() + args.settle
             # Let the sensors see the last traffic and the runs they launch finish. Ingest runs are
-            # long-lived (they linger caught up, PLANPIPE_INGEST_IDLE_S): settled means lag zero and
-            # every other run finished; the ingest runs are then stopped gracefully.
+            # long-lived (they linger caught up, PLANPIPE_INGEST_IDLE_S): settled means no lag on the
+            # topic, the DLQ replayed, every other run finished; ingest runs are then stopped gracefully.
             time.sleep(min(30.0, args.settle))
             while time.monotonic() < deadline:
                 runs = _runs_since(settings, since)
                 others_done = all(run.is_finished for run in runs if run.job_name != "ingest_job")
-                if runs and others_done and _total_lag(settings) == 0:
+                drained = _total_lag(settings, settings.consumer_group, settings.topic) == 0
+                dlq_done = _total_lag(settings, settings.replay_group, settings.dlq_topic) == 0
+                if runs and others_done and drained and dlq_done:
                     break
                 time.sleep(5)
     except KeyboardInterrupt:

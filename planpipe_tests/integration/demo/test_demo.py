@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 def test_planpipe_demo_runs_the_whole_loop(stack_settings: Settings) -> None:
     env = dict(os.environ, PLANPIPE_INGEST_MAX_SECONDS="60")
     completed = subprocess.run(
-        [sys.executable, "-m", "planpipe.cli", "demo", "--duration", "50", "--interval", "2", "--settle", "150"],
+        [sys.executable, "-m", "planpipe.cli", "demo", "--duration", "50", "--interval", "2", "--settle", "240"],
         env=env,
         capture_output=True,
         text=True,
@@ -25,7 +25,8 @@ def test_planpipe_demo_runs_the_whole_loop(stack_settings: Settings) -> None:
     summary = json.loads(completed.stdout)
     print(json.dumps(summary, indent=2))
     jobs = summary["runs_by_job_and_status"]
-    assert any(key.startswith("ingest_job:SUCCESS") for key in jobs), jobs
+    # Long-lived ingest runs are stopped gracefully when the demo ends: SUCCESS or CANCELED, never FAILURE.
+    assert any(key.startswith(("ingest_job:SUCCESS", "ingest_job:CANCELED")) for key in jobs), jobs
     assert any(key.startswith("dlq_replay_job:SUCCESS") for key in jobs), jobs
     assert not any(key.endswith(":FAILURE") for key in jobs), jobs
     assert summary["traffic"]["captured"] > 0

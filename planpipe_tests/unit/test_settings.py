@@ -11,7 +11,7 @@ def test_defaults_point_at_the_local_stack() -> None:
     assert settings.pg_dsn.endswith("@127.0.0.1:15432/planpipe")
     assert settings.dagster_pg_dsn == "postgresql+psycopg2://postgres@127.0.0.1:15432/dagster"
     assert (settings.topic, settings.dlq_topic) == ("query-plans", "query-plans.dlq")
-    assert (settings.batch_max_messages, settings.batch_max_wait_s) == (500, 1.0)
+    assert (settings.batch_max_messages, settings.batch_max_wait_s) == (500, 0.25)
 
 
 def test_default_ports_are_below_the_ephemeral_range() -> None:

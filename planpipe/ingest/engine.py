@@ -163,6 +163,7 @@ class IngestEngine:
         self._last_stall_warning = 0.0
         self._warn = faults.OncePerMinute(logger)
         self._consumer_retries = 0
+        self._last_uncached_lag = 0.0
         self._sinks = sinks.BatchSinks(settings, self._stop, self.throttle, self._warn, client_id)
         conf = consumer_config(settings, settings.consumer_group, **{"client.id": client_id})
         # A member that died keeps its partitions until its session times out; only
@@ -246,9 +247,12 @@ class IngestEngine:
             if not records:
                 idle_polls += 1
                 self._advance_past_markers()
-                if until_caught_up and self._caught_up(waited_s=time.monotonic() - started, idle_polls=idle_polls):
+                waited_s = time.monotonic() - started
+                if until_caught_up and self._idle_caught_up(waited_s=waited_s, idle_polls=idle_polls):
                     caught_up_since = caught_up_since or time.monotonic()
-                    if time.monotonic() - caught_up_since >= idle_s:
+                    if time.monotonic() - caught_up_since >= idle_s and self._caught_up(
+                        waited_s=waited_s, idle_polls=idle_polls, cached=False
+                    ):
                         summary.caught_up = True
                         break
                 self._watch_progress(summary)
@@ -296,15 +300,31 @@ class IngestEngine:
         self._warn(f"record-{error.code()}", f"transient consumer error: {error}")
         return False
 
-    def _caught_up(self, *, waited_s: float, idle_polls: int) -> bool:
+    def _idle_caught_up(self, *, waited_s: float, idle_polls: int) -> bool:
+        """Caught up, judged from the watermarks of the last fetch responses (no broker round trip:
+        a lingering run polls every batch wait, and six ListOffsets per poll delayed the records
+        that arrived meanwhile). Where a watermark is not known yet, ask the broker at most once a second."""
+        cached = self._caught_up(waited_s=waited_s, idle_polls=idle_polls, cached=True)
+        if cached is not None:
+            return cached
+        now = time.monotonic()
+        if now - self._last_uncached_lag < 1.0:
+            return False
+        self._last_uncached_lag = now
+        return bool(self._caught_up(waited_s=waited_s, idle_polls=idle_polls, cached=False))
+
+    def _caught_up(self, *, waited_s: float, idle_polls: int, cached: bool = False) -> bool | None:
+        """None: cached watermarks do not cover every assigned partition yet."""
         assignment = self._consumer.assignment()
         if not assignment:
             # In a group with more members than partitions we may never get any.
             return waited_s > self._assignment_grace_s and idle_polls >= 3
-        lags = self.lag()
-        return len(lags) == len(assignment) and all(lag == 0 for lag in lags.values())
+        lags = self.lag(cached=cached)
+        if len(lags) < len(assignment):
+            return None if cached else False
+        return all(lag == 0 for lag in lags.values())
 
-    def lag(self) -> dict[int, int]:
+    def lag(self, *, cached: bool = False) -> dict[int, int]:
         """Per assigned partition: high watermark minus our position (unreadable partitions omitted).
 
         The position moves past transaction markers, so a partition whose last offset
@@ -328,9 +348,11 @@ class IngestEngine:
         result: dict[int, int] = {}
         for tp in assignment:
             try:
-                low, high = self._consumer.get_watermark_offsets(tp, timeout=5, cached=False)
+                low, high = self._consumer.get_watermark_offsets(tp, timeout=5, cached=cached)
             except KafkaException as error:  # e.g. _UNKNOWN_PARTITION while a broker restarts
                 self._warn("watermarks", f"watermarks of partition {tp.partition} unavailable: {error}")
+                continue
+            if high < 0:  # cached: no fetch response for this partition yet
                 continue
             result[tp.partition] = max(0, high - known.get(tp.partition, low))
         return result

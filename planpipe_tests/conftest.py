@@ -61,12 +61,11 @@ def stack_settings() -> Iterator[Settings]:
         stack.down(settings)
 
 
-@pytest.fixture
-def settings(stack_settings: Settings, tmp_path: Path) -> Settings:
-    """Per-test topics, consumer groups and data directory: tests never see each other's messages."""
+def isolated_settings(stack_settings: Settings, tmp_path: Path, label: str = "") -> Settings:
+    """Topics, consumer groups and a data directory of one test's own, the topics created."""
     from planpipe.stack import kafka
 
-    suffix = uuid.uuid4().hex[:10]
+    suffix = f"{label}{uuid.uuid4().hex[:10]}"
     isolated = replace(
         stack_settings,
         topic=f"query-plans-{suffix}",
@@ -78,6 +77,12 @@ def settings(stack_settings: Settings, tmp_path: Path) -> Settings:
     )
     kafka.ensure_topics(isolated)
     return isolated
+
+
+@pytest.fixture
+def settings(stack_settings: Settings, tmp_path: Path) -> Settings:
+    """Per-test topics, consumer groups and data directory: tests never see each other's messages."""
+    return isolated_settings(stack_settings, tmp_path)
 
 
 @pytest.fixture

@@ -54,18 +54,15 @@ class Backoff:
         self._first_s = first_s
         self._max_s = max_s
         self.next_s = first_s
-        self.attempts = 0
 
     def wait(self) -> bool:
         """Sleep before the next attempt; False when a stop was requested meanwhile."""
-        self.attempts += 1
         stopped = self._stop.wait(self.next_s)
         self.next_s = min(self._max_s, self.next_s * 2)
         return not stopped
 
     def reset(self) -> None:
         self.next_s = self._first_s
-        self.attempts = 0
 
 
 class OncePerMinute:

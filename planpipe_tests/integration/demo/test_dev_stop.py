@@ -12,9 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +22,7 @@ import psycopg
 import pytest
 
 from planpipe.settings import Settings
+from planpipe_tests.conftest import isolated_settings
 from planpipe_tests.integration.workload import capture_plans, create_workload, make_envelopes, publish, settings_env
 
 pytestmark = pytest.mark.slow
@@ -64,20 +63,7 @@ class Traffic:
 
 @pytest.fixture
 def dev_settings(stack_settings: Settings, tmp_path: Path) -> Settings:
-    from planpipe.stack import kafka
-
-    suffix = uuid.uuid4().hex[:10]
-    isolated = replace(
-        stack_settings,
-        topic=f"query-plans-dev-{suffix}",
-        dlq_topic=f"query-plans-dev-{suffix}.dlq",
-        consumer_group=f"query-plan-consumers-dev-{suffix}",
-        replay_group=f"query-plan-dlq-replay-dev-{suffix}",
-        data_dir=tmp_path / "data",
-        spool_path=tmp_path / "spool.sqlite3",
-    )
-    kafka.ensure_topics(isolated)
-    return isolated
+    return isolated_settings(stack_settings, tmp_path, label="dev-")
 
 
 @pytest.fixture

@@ -57,6 +57,12 @@ UNDELIVERABLE: Final = Counter(
     ["destination"],
     registry=REGISTRY,
 )
+# Request timeouts from the brokers (runbook: broker disk iowait > 65 % shows up as these).
+REQUEST_TIMEOUTS: Final = Counter(
+    "explain_router_request_timeouts_total",
+    "Producer requests or deliveries that timed out waiting for the brokers.",
+    registry=REGISTRY,
+)
 # Route evaluation is a decode plus a few comparisons: tens of microseconds.
 ROUTE_EVALUATION_MS: Final = Histogram(
     "explain_router_route_evaluation_duration_ms",

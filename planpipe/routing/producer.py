@@ -79,6 +79,8 @@ _PRODUCER_EXTRA: Final[dict[str, str | int | bool]] = {
 _UNREACHABLE: Final = frozenset(
     {KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN, KafkaError._RESOLVE, KafkaError._TIMED_OUT}
 )
+# Timeouts waiting for the brokers: counted for the ProducerRequestTimeouts alert.
+_TIMEOUTS: Final = frozenset({KafkaError._MSG_TIMED_OUT, KafkaError.REQUEST_TIMED_OUT, KafkaError._TIMED_OUT})
 # Our own purge: the record was not lost and the broker is not to blame.
 _PURGED: Final = frozenset({KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT})
 # Permanent per-record errors: retrying from the spool would block it forever.
@@ -571,6 +573,8 @@ class PlanProducer:
                 self._contact_ok = True
                 return
             code = error.code()
+            if code in _TIMEOUTS:
+                metrics.REQUEST_TIMEOUTS.inc()
             if code in _UNDELIVERABLE:
                 self._undeliverable(pending.record, pending.seq, pending.ticket, error.str())
                 return
@@ -591,6 +595,8 @@ class PlanProducer:
                 self._fatal = error
                 self._failure("fatal", f"fatal producer error: {error.name()}: {error.str()}")
             elif error.code() in _UNREACHABLE:
+                if error.code() in _TIMEOUTS:
+                    metrics.REQUEST_TIMEOUTS.inc()
                 self._suspect = True
                 self._failure("unreachable", f"{error.name()}: {error.str()}")
             else:

@@ -10,6 +10,7 @@ from typing import Protocol
 from planpipe.contract import ContractViolation, EnvelopeDecoder, Reason
 from planpipe.dlq import H_TRACE_ID, AnyHeaders, DeadLetter, as_header_list
 from planpipe.plans.fingerprint import PlanParseError, fingerprint
+from planpipe.plans.work import NO_WORK, plan_work
 from planpipe.routing.router import RoutingConfig, parse_message_key, route_for
 
 
@@ -56,6 +57,11 @@ class Observations:
     kafka_topic: list[str] = field(default_factory=list)
     kafka_partition: list[int] = field(default_factory=list)
     kafka_offset: list[int] = field(default_factory=list)
+    # The plan's work (planpipe.plans.work): load-invariant evidence for detection.
+    shared_blocks: list[int | None] = field(default_factory=list)
+    temp_blocks: list[int | None] = field(default_factory=list)
+    top_rows: list[float | None] = field(default_factory=list)
+    top_loops: list[int | None] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.query_hash)
@@ -141,6 +147,14 @@ def prepare_batch(
         obs.kafka_topic.append(topic)
         obs.kafka_partition.append(partition)
         obs.kafka_offset.append(offset)
+        try:
+            work = plan_work(envelope.plan_text)
+        except PlanParseError:  # odd types in the work fields: keep the observation, work unknown
+            work = NO_WORK
+        obs.shared_blocks.append(work.shared_blocks)
+        obs.temp_blocks.append(work.temp_blocks)
+        obs.top_rows.append(work.top_rows)
+        obs.top_loops.append(work.top_loops)
     return PreparedBatch(
         observations=obs,
         dead_letters=dead,

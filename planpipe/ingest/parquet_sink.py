@@ -38,6 +38,11 @@ SCHEMA: Final[dict[str, pl.DataType | type[pl.DataType]]] = {
     "kafka_partition": pl.Int32,
     "kafka_offset": pl.Int64,
     "ingested_at": pl.Datetime("us", "UTC"),
+    # The plan's work (planpipe.plans.work); absent from files written before they existed.
+    "shared_blocks": pl.Int64,
+    "temp_blocks": pl.Int64,
+    "top_rows": pl.Float64,
+    "top_loops": pl.Int64,
 }
 # Hive partition columns: encoded in the directory names, not stored in the files.
 PARTITION_COLUMNS: Final = ("route", "date")
@@ -145,4 +150,5 @@ def scan(root: Path) -> pl.LazyFrame:
         hive_partitioning=True,
         schema={k: v for k, v in SCHEMA.items() if k != "route"},
         hive_schema={"route": pl.String, "date": pl.String},
+        missing_columns="insert",
     )

@@ -218,6 +218,11 @@ FIELD_MAP: Final[tuple[FieldMapping, ...]] = (
         ),
     ),
     FieldMapping(None, None, "ingested_at", pl.Datetime("us", "UTC")),
+    # The plan's work, read from plan_text (planpipe.plans.work); null when the plan lacks BUFFERS/ANALYZE.
+    FieldMapping(None, None, "shared_blocks", pl.Int64, note="top node's shared hit + read blocks"),
+    FieldMapping(None, None, "temp_blocks", pl.Int64, note="top node's temp read + written blocks"),
+    FieldMapping(None, None, "top_rows", pl.Float64, note="top node's actual rows"),
+    FieldMapping(None, None, "top_loops", pl.Int64, note="top node's actual loops"),
 )
 
 # Columns of the planpipe tables that no observation field feeds.

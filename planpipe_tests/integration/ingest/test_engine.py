@@ -200,6 +200,7 @@ def test_replayed_batch_rewrites_the_same_file(tmp_path: Path) -> None:
         actual_rows=[1], total_time_ms=[2.0], query_type=[None], query_text=[None], trace_id=[None],
         published_at=[1_790_000_000.0], fingerprint=["f"], route=["baseline"], priority=["standard"],
         kafka_topic=["t"], kafka_partition=[0], kafka_offset=[5],
+        shared_blocks=[None], temp_blocks=[None], top_rows=[None], top_loops=[None],
     )  # fmt: skip
     first = parquet_sink.write_batch(tmp_path, obs, [("t", 0, 5, 9)])
     second = parquet_sink.write_batch(tmp_path, obs, [("t", 0, 5, 9)])

@@ -29,6 +29,10 @@ def observations(n: int = ROWS) -> Observations:
         kafka_topic=["query-plans"] * n,
         kafka_partition=[i % 3 for i in range(n)],
         kafka_offset=[100 + i for i in range(n)],
+        shared_blocks=[i if i % 5 else None for i in range(n)],
+        temp_blocks=[0 if i % 5 else None for i in range(n)],
+        top_rows=[float(i) if i % 5 else None for i in range(n)],
+        top_loops=[1 if i % 5 else None for i in range(n)],
     )
 
 

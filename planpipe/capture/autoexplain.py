@@ -68,6 +68,7 @@ from zoneinfo import ZoneInfo
 
 import msgspec
 
+from planpipe import tracing
 from planpipe.capture.explain import query_identifier, top_plan_rows
 from planpipe.capture.sqltext import classify, strip_explain, text_hash
 from planpipe.contract import Envelope
@@ -304,7 +305,7 @@ def envelope_from_entry(entry: LogEntry, cluster_id: str, *, now: float | None =
         return None
     query_text = found.plan.get("Query Text")
     query_text = query_text if isinstance(query_text, str) else None
-    return Envelope(
+    envelope = Envelope(
         query_hash=plan_query_hash(found.plan, entry.query_id),
         execution_timestamp=entry.timestamp if entry.timestamp is not None else (now or time.time()),
         cluster_id=cluster_id,
@@ -314,6 +315,7 @@ def envelope_from_entry(entry: LogEntry, cluster_id: str, *, now: float | None =
         query_type=classify(strip_explain(query_text)).kind.query_type if query_text else None,
         query_text=query_text,
     )
+    return tracing.stamp(envelope)  # a sampled share gets a W3C traceparent: the trace starts at capture
 
 
 def parse_entry(raw: bytes, fmt: LogFormat, cluster_id: str, fallback_tz: tzinfo = UTC) -> Envelope | None:

@@ -68,6 +68,7 @@ import msgspec
 import psycopg
 from psycopg.types.string import TextBinaryLoader, TextLoader
 
+from planpipe import tracing
 from planpipe.capture.safety import CatalogGuard, FunctionPolicy, check_role
 from planpipe.capture.sqltext import Statement, StatementKind, classify, split_statements, text_hash
 from planpipe.contract import Envelope
@@ -306,7 +307,7 @@ class ExplainCapturer:
         execution_ms = entry.get("Execution Time", 0.0) if executed else 0.0
         if not isinstance(execution_ms, int | float) or isinstance(execution_ms, bool):
             raise PlanShapeError("Execution Time is not a number")
-        return Envelope(
+        envelope = Envelope(
             query_hash=query_id or text_hash(statement.text),
             execution_timestamp=executed_at,
             cluster_id=self.cluster_id,
@@ -316,6 +317,7 @@ class ExplainCapturer:
             query_type=kind.query_type,
             query_text=statement.text,
         )
+        return tracing.stamp(envelope)  # a sampled share gets a W3C traceparent: the trace starts at capture
 
     @staticmethod
     def _rollback(conn: psycopg.Connection[Any]) -> None:

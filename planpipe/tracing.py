@@ -30,7 +30,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import msgspec
 from opentelemetry import trace
@@ -42,6 +42,9 @@ from opentelemetry.trace import Span, SpanKind
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from planpipe.contract import Envelope
+
+if TYPE_CHECKING:
+    import psycopg
 
 TRACEPARENT: Final = "traceparent"  # W3C header name, also on Kafka records
 DEFAULT_SAMPLE_PCT: Final = 1.0
@@ -296,6 +299,60 @@ def record_ingest(
             )
         )
     return samples
+
+
+class _HasHeaders(Protocol):
+    def headers(self) -> Any: ...  # confluent-kafka: a list of (name, value) pairs, or None
+    def partition(self) -> int | None: ...
+    def offset(self) -> int | None: ...
+
+
+def parents_from_headers(
+    records: Sequence[_HasHeaders],
+    partitions: Sequence[int],
+    offsets: Sequence[int],
+    trace_ids: Sequence[str | None],
+    sampled: Sequence[int],
+) -> dict[int, str]:
+    """Index → parent traceparent: the record's `traceparent` header (the publish span), else the
+    envelope's own (the capture span, e.g. for a record republished by the DLQ replay)."""
+    wanted = {(partitions[i], offsets[i]): i for i in sampled}
+    parents: dict[int, str] = {}
+    for record in records:
+        index = wanted.get((record.partition() or 0, record.offset() or 0))
+        if index is None:
+            continue
+        for name, value in record.headers() or ():
+            if name == TRACEPARENT and isinstance(value, str | bytes) and value:
+                header = value.decode(errors="replace") if isinstance(value, bytes) else value
+                if is_sampled_traceparent(header) and header[3:35] == str(trace_ids[index])[3:35]:
+                    parents[index] = header
+        parents.setdefault(index, str(trace_ids[index]))
+    return parents
+
+
+def store_samples(conn: "psycopg.Connection[Any]", consumer_group: str, samples: Sequence[TraceSample]) -> None:
+    """One row per sampled envelope; a batch committed again after a crash adds nothing twice."""
+    if not samples:
+        return
+    conn.execute(
+        """INSERT INTO planpipe.trace_samples (trace_id, query_hash, cluster_id, consumer_group, published_at,
+                                               committed_at, publish_to_commit_ms, batch_id)
+           SELECT t, q, c, %s, to_timestamp(p), to_timestamp(k), ms, b
+           FROM unnest(%s::text[], %s::text[], %s::text[], %s::float8[], %s::float8[], %s::float8[], %s::bigint[])
+                AS s(t, q, c, p, k, ms, b)
+           ON CONFLICT (trace_id) DO NOTHING""",
+        (
+            consumer_group,
+            [s.trace_id for s in samples],
+            [s.query_hash for s in samples],
+            [s.cluster_id for s in samples],
+            [s.published_at for s in samples],
+            [s.committed_at for s in samples],
+            [s.publish_to_commit_ms for s in samples],
+            [s.batch_id for s in samples],
+        ),
+    )
 
 
 def force_flush(timeout_ms: int = 5_000) -> bool:

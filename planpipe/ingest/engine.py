@@ -37,6 +37,7 @@ from typing import Final
 
 from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, KafkaException, Message, TopicPartition
 
+from planpipe import tracing
 from planpipe.contract import EnvelopeDecoder, Reason
 from planpipe.ingest import baseline_sink, faults, isolate, metrics, parquet_sink, sinks
 from planpipe.ingest.batch import PreparedBatch, prepare_batch
@@ -403,6 +404,7 @@ class IngestEngine:
             known_fingerprints=self._known_fingerprints,
         )
         _fault_point("after_decode")
+        decoded_at = parquet_started = parquet_done = commit_started = time.time()  # stage times: traces
         published = 0
         written: list[parquet_sink.WrittenFile] = []
         relative: list[str] = []
@@ -411,10 +413,13 @@ class IngestEngine:
             try:
                 self._sinks.publish_dead_letters(batch.dead_letters[published:])
                 published = len(batch.dead_letters)
+                parquet_started = time.time()
                 written = self._sinks.write_parquet(batch, replacing=written)
+                parquet_done = time.time()
                 _fault_point("after_parquet")
                 new_plans = sinks.identify_new_plans(batch)
                 relative = [str(w.path.relative_to(self.parquet_root)) for w in written]
+                commit_started = time.time()
                 result = self._sinks.commit(batch, new_plans, relative, batch_started)
                 break
             except baseline_sink.StaleBatchError as stale:
@@ -448,6 +453,9 @@ class IngestEngine:
         self._remember(new_plans)
         self._commit_kafka(batch, positions)
         _fault_point("after_kafka_commit")
+        times = tracing.BatchTimes(batch_started, decoded_at, parquet_started, parquet_done, commit_started,
+                                   result.committed_at)  # fmt: skip
+        self._trace(records, batch, result.batch_id, times)
 
         self.breaker.record(result.p95_latency_ms or 0.0)
         self.throttle.record(result.lock_wait_ms)
@@ -480,6 +488,26 @@ class IngestEngine:
             breaker_open=self.breaker.is_open,
             sink_rejected=sum(1 for d in batch.dead_letters if d.reason == Reason.SINK_REJECTED),
         )
+
+    def _trace(
+        self, records: Sequence[Message], batch: PreparedBatch, batch_id: int, times: tracing.BatchTimes
+    ) -> None:
+        """Spans and a trace_samples row for the batch's sampled envelopes (none: one list scan)."""
+        obs = batch.observations
+        sampled = tracing.sampled_indexes(obs.trace_id)
+        if not sampled:
+            return
+        try:
+            parents = tracing.parents_from_headers(
+                records, obs.kafka_partition, obs.kafka_offset, obs.trace_id, sampled
+            )
+            samples = tracing.record_ingest(
+                parents, obs.query_hash, obs.cluster_id, obs.published_at, times, batch_id,
+                {"messaging.kafka.consumer.group": self.settings.consumer_group},
+            )  # fmt: skip
+            tracing.store_samples(self._sinks.conn, self.settings.consumer_group, samples)
+        except Exception as error:  # diagnostics: never fail a committed batch over them
+            self._warn("trace", f"trace samples of batch {batch_id} not recorded: {error}")
 
     def _positions(self, records: Sequence[Message]) -> dict[int, int]:
         partitions = {(r.topic(), r.partition()) for r in records}

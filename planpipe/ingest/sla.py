@@ -190,3 +190,29 @@ def group_progress(
         expected_since=now_s if anchor is None else float(anchor),  # type: ignore[arg-type]
         stall_after_s=stall_after_s,
     )
+
+
+TRACE_WINDOW_S: Final = 3_600  # sampled traces are sparse (1 %): a wider window than the batches'
+
+
+def trace_latency(
+    conn: psycopg.Connection[tuple[object, ...]], group: str, window_s: int = TRACE_WINDOW_S
+) -> SlaResult:
+    """The runbook's trace check: p95 of publish → commit over the sampled traces
+    (`planpipe.trace_samples`, one row per sampled envelope) committed in the window."""
+    value, worst, traces = _one(
+        conn,
+        """SELECT percentile_cont(0.95) WITHIN GROUP (ORDER BY publish_to_commit_ms), max(publish_to_commit_ms),
+                  count(*)
+           FROM planpipe.trace_samples
+           WHERE consumer_group = %s AND committed_at > now() - make_interval(secs => %s)""",
+        (group, window_s),
+    )
+    measured = None if value is None else float(value)  # type: ignore[arg-type]
+    passed = measured is None or measured <= P95_THRESHOLD_MS
+    detail = (
+        f"no sampled trace committed in the last {window_s} s"
+        if measured is None
+        else f"p95 {measured:.0f} ms (max {float(worst):.0f} ms) over {traces} sampled traces"  # type: ignore[arg-type]
+    )
+    return SlaResult("trace_publish_to_commit", passed, measured, P95_THRESHOLD_MS, window_s, detail)

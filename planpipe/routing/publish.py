@@ -17,6 +17,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Final
 
+from opentelemetry.context import Context
+
+from planpipe import tracing
 from planpipe.contract import EnvelopeDecoder
 from planpipe.dlq import H_REASON, H_TRACE_ID, DeadLetter, fit_value, header_map
 from planpipe.kafka_config import size_limits
@@ -55,6 +58,7 @@ class Source:
 class _Outgoing:
     decision: RoutingDecision
     raw: bytes
+    trace: Context | None = None  # the router span of a sampled envelope
 
     @property
     def query_hash(self) -> str:
@@ -151,6 +155,7 @@ class PlanPublisher:
             on_delivered=self._on_delivered,
             on_undeliverable=self._on_undeliverable,
         )
+        self._publish_spans = tracing.PublishSpans()
         self._started = time.monotonic()
         self._sender = threading.Thread(target=self._send_loop, name="planpipe-publisher-send", daemon=True)
         self._sender.start()
@@ -165,6 +170,7 @@ class PlanPublisher:
 
     def submit_raw(self, raw: bytes, *, source: Source | None = None) -> RoutingDecision | Rejection:
         """Route one raw envelope; returns what the router decided. Never blocks on Kafka."""
+        started_ns = time.time_ns()
         outcome = self._router.route_raw(raw)
         with self._counts_lock:
             self._counts.submitted += 1
@@ -177,7 +183,10 @@ class PlanPublisher:
         if isinstance(outcome, Rejection):
             self._producer.send([self._dead_letter(outcome, source or Source())])
         elif outcome.sampled:
-            evicted = self._queue.put(_Outgoing(outcome, raw))
+            trace = None
+            if tracing.is_sampled_traceparent(outcome.envelope.trace_id):
+                trace = tracing.router_span(outcome.envelope, started_ns, outcome.route, outcome.priority)
+            evicted = self._queue.put(_Outgoing(outcome, raw, trace))
             if evicted is not None:
                 with self._counts_lock:
                     self._counts.queue_overflow += 1  # the router logged the evicted hash
@@ -258,6 +267,9 @@ class PlanPublisher:
         headers: list[tuple[str, bytes]] = [(H_ROUTE, decision.route.encode())]
         if decision.envelope.trace_id:
             headers.append((H_TRACE_ID, decision.envelope.trace_id.encode()))
+        if item.trace is not None:  # the publish span's context travels to the consumer
+            parent = self._publish_spans.start(item.trace, self._settings.topic, decision.key)
+            headers.append((tracing.TRACEPARENT, parent.encode()))
         return OutRecord(self._settings.topic, decision.key, item.raw, tuple(headers))
 
     def _send_loop(self) -> None:
@@ -285,6 +297,8 @@ class PlanPublisher:
             elif record.topic == main and record.key is not None:
                 priority, _ = parse_message_key(record.key)
                 published[label(headers.get(H_ROUTE, "unknown"), priority)] += 1
+                if (parent := headers.get(tracing.TRACEPARENT)) is not None:
+                    self._publish_spans.delivered(parent)
         with self._counts_lock:
             self._counts.published.update(published)
             self._counts.dead_lettered.update(dead)

@@ -58,4 +58,6 @@ def apply_retention(root: Path, dsn: str, now: datetime | None = None) -> Retent
             "DELETE FROM planpipe.ingest_batches WHERE committed_at < %s",
             (moment - timedelta(days=max(RETENTION_DAYS.values())),),
         ).rowcount
+        # Sampled traces feed a one-hour check; a week keeps them for incident reconstruction.
+        conn.execute("DELETE FROM planpipe.trace_samples WHERE committed_at < %s", (moment - timedelta(days=7),))
     return RetentionReport([str(p.relative_to(root)) for p in removed], rollups, batches)

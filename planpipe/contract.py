@@ -102,8 +102,6 @@ class ContractViolation(Exception):
         return f"{self.reason}{where}: {self.detail}"
 
 
-_FIELD_NAMES: Final = tuple(Envelope.__struct_fields__)
-_QUOTED_FIELD_NAMES: Final = tuple((name, f'"{name}"'.encode()) for name in _FIELD_NAMES)
 _TEXT_FIELDS: Final = ("query_hash", "cluster_id", "plan_text", "query_type", "query_text", "trace_id")
 # A `\u0000` escape inside the plan JSON (preceded by an even number of backslashes,
 # so it is an escape and not the literal text "\\u0000") decodes to U+0000 when the
@@ -173,16 +171,37 @@ class EnvelopeDecoder:
         return envelope
 
 
+def _members_fill_the_object(data: bytes) -> bool:
+    """True when the object's distinct members account for every byte: then no key repeats.
+
+    A decode into `dict[str, Raw]` keeps one member per key (the last) with its value's exact
+    bytes, without decoding the plan. `{` + `"key":value` joined by `,` + `}` spans the whole
+    payload only if nothing else is there: a repeated member, whitespace or an escaped key would
+    add bytes. Exact, and ~10x cheaper than counting each field name in the payload.
+    """
+    try:
+        members = _MEMBERS.decode(data)
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        return False
+    if not members:
+        return len(data) == 2
+    accounted = 1 + len(members)  # braces and the commas between members
+    for key, value in members.items():
+        accounted += len(key.encode()) + 3 + len(value)  # "key":value
+    return accounted == len(data)
+
+
+_MEMBERS: Final = msgspec.json.Decoder(dict[str, msgspec.Raw])
+
+
 def _reject_duplicate_keys(raw: bytes | bytearray | memoryview) -> None:
     """Reject an envelope that names a field twice (msgspec, like most decoders, keeps the last).
 
-    Cheap screen first: inside a JSON string every quote is escaped, so an unescaped
-    `"name"` can only be a key. Only a payload that repeats one, or spells a key with
-    `\\u` escapes, pays for a full parse that sees every key.
+    Cheap exact screen first (`_members_fill_the_object`); only a payload it cannot clear
+    (pretty-printed, escaped keys, or a real duplicate) pays for a full parse that sees every key.
     """
     data = bytes(raw)
-    suspicious = b"\\u" in data or any(data.count(quoted) > 1 for _, quoted in _QUOTED_FIELD_NAMES)
-    if not suspicious:
+    if _members_fill_the_object(data):
         return
     seen: set[str] = set()
     duplicates: list[str] = []

@@ -6,6 +6,7 @@ engine: any bytes at all either become an `Envelope` or raise a
 """
 
 import contextlib
+import json
 import pickle
 from collections.abc import Iterator
 from typing import Any
@@ -349,3 +350,20 @@ def test_a_field_name_as_a_value_is_not_a_duplicate() -> None:
     result = outcome(payload(query_text="cluster_id", query_type="plan_text"))
     assert isinstance(result, Envelope)
     assert result.query_text == "cluster_id"
+
+
+def test_a_duplicate_with_the_same_value_or_spaced_out_is_rejected() -> None:
+    # The fast screen accounts for every byte: a repeated member, even an identical one, or
+    # whitespace sends the payload to the full parse, which names the field.
+    for raw in (
+        payload()[:-1] + b',"cluster_id":' + msgspec.json.encode(json.loads(payload())["cluster_id"]) + b"}",
+        payload()[:-1] + b' , "query_hash" : "other" }',
+    ):
+        result = outcome(raw)
+        assert isinstance(result, ContractViolation)
+        assert result.reason == Reason.DUPLICATE_KEY
+
+
+def test_a_pretty_printed_envelope_without_duplicates_is_accepted() -> None:
+    raw = json.dumps(json.loads(payload()), indent=2).encode()
+    assert isinstance(outcome(raw), Envelope)

@@ -24,6 +24,7 @@ REPO_ROOT: Final = Path(__file__).resolve().parent.parent
 # client's source port can never take them, so `up` right after `down` always binds.
 DEFAULT_KAFKA_PORT: Final = 19092  # controller: port + 1
 DEFAULT_PG_PORT: Final = 15432
+DEFAULT_REDIS_PORT: Final = 16379
 
 _PASSTHROUGH_PREFIXES: Final = {
     "PLANPIPE_KAFKA__": "common",
@@ -92,10 +93,16 @@ class Settings:
     metrics_port: int
     producer_overrides: dict[str, str] = field(default_factory=dict)
     consumer_overrides: dict[str, str] = field(default_factory=dict)
+    # The agent's last-resort queue (runbook fallback 3): "" = none; a local redis-server
+    # started by `planpipe up` when PLANPIPE_REDIS=1, or an existing one (PLANPIPE_REDIS_URL).
+    redis_url: str = ""
+    redis_external: bool = False
+    redis_port: int = DEFAULT_REDIS_PORT
+    redis_maxmemory: str = "256mb"
 
     def __repr__(self) -> str:  # the dataclass repr would show DSN passwords and SASL secrets
         shown = {
-            name: mask_dsn(value) if name.endswith("dsn") and isinstance(value, str) else value
+            name: mask_dsn(value) if name.endswith(("dsn", "_url")) and isinstance(value, str) else value
             for name, value in self.__dict__.items()
         }
         shown["producer_overrides"] = mask_kafka_config(self.producer_overrides)
@@ -147,7 +154,20 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         metrics_port=_env_int(env, "PLANPIPE_METRICS_PORT", 9464),
         producer_overrides=librdkafka_passthrough(env, "producer"),
         consumer_overrides=librdkafka_passthrough(env, "consumer"),
+        **_redis(env),
     )
+
+
+def _redis(env: Mapping[str, str]) -> dict[str, str | bool | int]:
+    external = env.get("PLANPIPE_REDIS_URL", "").strip()
+    port = _env_int(env, "PLANPIPE_REDIS_PORT", DEFAULT_REDIS_PORT)
+    local = _env(env, "PLANPIPE_REDIS", "0").lower() in ("1", "true", "yes", "on")
+    return {
+        "redis_url": external or (f"redis://127.0.0.1:{port}/0" if local else ""),
+        "redis_external": bool(external),
+        "redis_port": port,
+        "redis_maxmemory": _env(env, "PLANPIPE_REDIS_MAXMEMORY", "256mb"),
+    }
 
 
 def _with_database(dsn: str, database: str) -> str:

@@ -30,6 +30,7 @@ unit: setup
 
 test: lint
 	./scripts/install-chromium.sh
+	./scripts/install-redis.sh
 	$(BIN)/pytest -q --durations=15
 
 bench: setup

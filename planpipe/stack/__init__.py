@@ -11,7 +11,7 @@ from typing import Final
 from planpipe.db.migrate import migrate
 from planpipe.redact import mask_dsn
 from planpipe.settings import Settings
-from planpipe.stack import kafka, postgres
+from planpipe.stack import kafka, postgres, redis
 from planpipe.stack.errors import StackError, make_dirs
 
 logger = logging.getLogger(__name__)
@@ -65,6 +65,8 @@ def up(settings: Settings) -> StackReport:
         if kafka.start(settings):
             started_here.append(("Kafka", kafka.stop))
         topics = kafka.ensure_topics(settings)
+        if redis.start(settings):  # only when enabled (PLANPIPE_REDIS=1) and not external
+            started_here.append(("Redis", redis.stop))
         prepare_dagster_home(settings)
     except BaseException as error:
         stopped = _stop_quietly(settings, started_here)
@@ -98,13 +100,18 @@ def _stop_quietly(settings: Settings, started: list[tuple[str, Callable[[Setting
 
 def down(settings: Settings) -> dict[str, bool]:
     """Stops the local services (data is kept under PLANPIPE_HOME; `planpipe down --purge` removes it)."""
-    return {"kafka_stopped": kafka.stop(settings), "postgres_stopped": postgres.stop(settings)}
+    return {
+        "kafka_stopped": kafka.stop(settings),
+        "postgres_stopped": postgres.stop(settings),
+        "redis_stopped": redis.stop(settings),
+    }
 
 
 def status(settings: Settings) -> dict[str, object]:
     return {
         "kafka": kafka.status(settings),
         "postgres": postgres.status(settings),
+        "redis": redis.status(settings),
         "dagster_home": str(settings.dagster_home),
         "data_dir": str(settings.data_dir),
     }

@@ -113,6 +113,7 @@ def planpipe_resource(settings: Settings) -> "PlanpipeResource":
         consumer_group=settings.consumer_group,
         replay_group=settings.replay_group,
         max_ingest_runs=2,
+        min_ingest_runs=0,
         ingest_max_seconds=120,
         ingest_idle_s=0,
         replay_interval_s=0,

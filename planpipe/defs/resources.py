@@ -20,6 +20,8 @@ class PlanpipeResource(dg.ConfigurableResource):  # type: ignore[type-arg]
     consumer_group: str | None = None
     replay_group: str | None = None
     max_ingest_runs: int = 2
+    # Ingest runs kept consuming even with no lag, so a record never waits for a run to start.
+    min_ingest_runs: int = 1
     ingest_max_seconds: float = 1800.0
     # A trickle of DLQ messages is replayed at most this often (a large backlog at once).
     replay_interval_s: float = 120.0
@@ -62,6 +64,7 @@ def planpipe_resource() -> PlanpipeResource:
         consumer_group=_from_env("PLANPIPE_CONSUMER_GROUP"),
         replay_group=_from_env("PLANPIPE_REPLAY_GROUP"),
         max_ingest_runs=_env_int("PLANPIPE_MAX_INGEST_RUNS", 2),
+        min_ingest_runs=_env_int("PLANPIPE_MIN_INGEST_RUNS", 1),
         ingest_max_seconds=_env_float("PLANPIPE_INGEST_MAX_SECONDS", 1800.0),
         ingest_idle_s=_env_float("PLANPIPE_INGEST_IDLE_S", 120.0),
         replay_interval_s=_env_float("PLANPIPE_REPLAY_INTERVAL_S", 120.0),

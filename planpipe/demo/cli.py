@@ -21,6 +21,10 @@ from planpipe.settings import REPO_ROOT, Settings
 if TYPE_CHECKING:
     import dagster as dg
 
+# Demo traffic starts once the standing ingest run consumes (the daemon's first sensor tick and a run's
+# start-up take ~30 s): records published before would wait for it and read as an SLA breach.
+CONSUMER_WAIT_S = 120.0
+
 
 def add_parsers(sub: "argparse._SubParsersAction[Any]") -> None:
     p = sub.add_parser("demo", help="run the Dagster daemon with demo traffic for a while and print a JSON summary")
@@ -172,7 +176,9 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
     traffic = None
     try:
         with supervise.interrupt_on_termination():
-            traffic = run_traffic(settings, duration_s=args.duration, interval_s=args.interval)
+            traffic = run_traffic(
+                settings, duration_s=args.duration, interval_s=args.interval, wait_for_consumer_s=CONSUMER_WAIT_S
+            )
             deadline = time.monotonic() + args.settle
             # Let the sensors see the last traffic and the runs they launch finish. Ingest runs are
             # long-lived (they linger caught up, PLANPIPE_INGEST_IDLE_S): settled means no lag on the
@@ -245,7 +251,8 @@ def run_traffic_in_background(settings: Settings, interval_s: float = 3.0) -> tu
 
     stop = threading.Event()
     thread = threading.Thread(
-        target=run_traffic, args=(settings,), kwargs={"interval_s": interval_s, "stop": stop},
+        target=run_traffic, args=(settings,),
+        kwargs={"interval_s": interval_s, "stop": stop, "wait_for_consumer_s": CONSUMER_WAIT_S},
         name="planpipe-demo-traffic", daemon=True,
     )  # fmt: skip
     thread.start()

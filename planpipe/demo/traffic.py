@@ -19,6 +19,7 @@ import psycopg
 
 from planpipe.capture.explain import capture_workload
 from planpipe.contract import encode_envelope
+from planpipe.ingest.lag import LagUnavailable, group_assignments
 from planpipe.ingest.reconcile import record_capture_count
 from planpipe.routing.publish import PlanPublisher, Source
 from planpipe.routing.router import Rejection
@@ -86,6 +87,22 @@ def prepare_demo_database(settings: Settings) -> str:
     return dsn
 
 
+def wait_for_consumer(settings: Settings, timeout_s: float, stop: threading.Event) -> bool:
+    """Until a member of the ingest group holds partitions of the topic (the standing ingest run
+    the lag sensor keeps): records published before that would wait for a run to start."""
+    deadline = time.monotonic() + timeout_s
+    while not stop.is_set() and time.monotonic() < deadline:
+        try:
+            if any(group_assignments(settings, settings.consumer_group, settings.topic).values()):
+                logger.info("demo: an ingest run is consuming; traffic starts")
+                return True
+        except LagUnavailable:
+            pass  # the broker or the group is not there yet
+        stop.wait(2.0)
+    logger.warning("demo: no ingest run consuming after %.0f s; traffic starts anyway", timeout_s)
+    return False
+
+
 def _legacy_envelope(raw: bytes) -> bytes:
     """An envelope from an old capture agent: camelCase names that a correction rule renames."""
     fields = msgspec.json.decode(raw)
@@ -103,11 +120,15 @@ def run_traffic(
     plan_change_every: int = 20,
     stop: threading.Event | None = None,
     seed: int = 17,
+    wait_for_consumer_s: float = 0.0,
 ) -> TrafficSummary:
-    """Capture and publish until `duration_s` passes or `stop` is set."""
+    """Capture and publish until `duration_s` passes or `stop` is set; first wait up to
+    `wait_for_consumer_s` for an ingest consumer, so the SLA measures a running pipeline."""
     stop = stop or threading.Event()
     rng = random.Random(seed)
     dsn = prepare_demo_database(settings)
+    if wait_for_consumer_s > 0:
+        wait_for_consumer(settings, wait_for_consumer_s, stop)
     summary = TrafficSummary()
     publisher = PlanPublisher(settings)
     deadline = None if duration_s is None else time.monotonic() + duration_s

@@ -40,7 +40,7 @@ from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, KafkaException
 from planpipe import tracing
 from planpipe.contract import EnvelopeDecoder, Reason
 from planpipe.ingest import baseline_sink, faults, isolate, metrics, parquet_sink, sinks
-from planpipe.ingest.batch import PreparedBatch, prepare_batch
+from planpipe.ingest.batch import BATCH_GROWTH, PreparedBatch, next_batch_limit, prepare_batch
 from planpipe.ingest.breaker import LatencyBreaker, LockWaitThrottle
 from planpipe.ingest.sinks import Abandoned
 from planpipe.kafka_config import consumer_config
@@ -149,6 +149,9 @@ class IngestEngine:
     ) -> None:
         self.settings = settings
         self.max_messages = max_messages or settings.batch_max_messages
+        # The configured size is the floor; under lag batches grow (an explicit max_messages pins the size).
+        self._batch_ceiling = self.max_messages if max_messages else self.max_messages * BATCH_GROWTH
+        self._batch_limit = self.max_messages
         self.max_wait_s = max_wait_s if max_wait_s is not None else settings.batch_max_wait_s
         self.routing = routing or RoutingConfig(sample_rate_pct=100)
         self.on_batch = on_batch
@@ -212,9 +215,25 @@ class IngestEngine:
 
     def close(self) -> None:
         try:
+            self._await_kafka_commits()
             self._consumer.close()
         finally:
             self._sinks.close()
+
+    def _await_kafka_commits(self, timeout_s: float = 5.0) -> None:
+        """Offsets are committed asynchronously; before leaving, wait (bounded: a dead broker must not
+        hold the exit) until the broker has them, so whoever reads the group's lag next sees it."""
+        topic = self.settings.topic
+        wanted = {p: o for p, o in self._kafka_committed.items() if o >= 0}
+        deadline = time.monotonic() + timeout_s
+        while wanted and time.monotonic() < deadline:
+            try:
+                found = self._consumer.committed([TopicPartition(topic, p) for p in wanted], timeout=1.0)
+            except KafkaException:
+                return  # the broker is not answering: PostgreSQL holds the offsets anyway
+            wanted = {tp.partition: wanted[tp.partition] for tp in found if tp.offset < wanted[tp.partition]}
+            if wanted:
+                time.sleep(0.05)  # the commit request is in flight (librdkafka sends it on its own thread)
 
     # -- the loop -----------------------------------------------------------------------
     def run(
@@ -284,7 +303,9 @@ class IngestEngine:
         return summary
 
     def _consume(self) -> list[Message]:
-        return self._consumer.consume(num_messages=self.max_messages, timeout=self.max_wait_s)
+        records = self._consumer.consume(num_messages=self._batch_limit, timeout=self.max_wait_s)
+        self._batch_limit = next_batch_limit(self._batch_limit, len(records), self.max_messages, self._batch_ceiling)
+        return records
 
     def _usable(self, record: Message) -> bool:
         error = record.error()
@@ -464,8 +485,10 @@ class IngestEngine:
         metrics.DROPPED_LOW.inc(batch.dropped_low)
         metrics.LOCK_WAIT_MS.set(result.lock_wait_ms)
         metrics.BREAKER_OPEN.set(1 if self.breaker.is_open else 0)
-        for published_at in batch.observations.published_at:
-            metrics.PUBLISH_TO_COMMIT_MS.observe(max(0.0, (result.committed_at - published_at) * 1000))
+        committed_at = result.committed_at
+        metrics.observe_many(
+            metrics.PUBLISH_TO_COMMIT_MS, [max(0.0, (committed_at - p) * 1000) for p in batch.observations.published_at]
+        )
         summary.batches += 1
         summary.consumed += batch.consumed
         summary.valid += len(batch.observations)

@@ -2,15 +2,15 @@
 
 An ingest run is long-lived: one Dagster run per micro-batch would cost seconds of
 process start-up and could never meet the 1,200 ms p95, so a run consumes
-micro-batches until caught up and idle for `ingest_idle_s` (or `ingest_max_seconds`) and records one
-materialization of `plan_observations` per micro-batch.
+micro-batches until caught up and idle for `ingest_idle_s` (a standing run, kept by the lag sensor even
+without lag, until `ingest_max_seconds`) and records one materialization of `plan_observations` per micro-batch.
 """
 
 import signal
 
 import dagster as dg
 
-from planpipe.defs.ingest.runtime import GracefulStop, ProgressWatchdog, ingest_client_id
+from planpipe.defs.ingest.runtime import STANDING_TAG, GracefulStop, ProgressWatchdog, ingest_client_id
 from planpipe.defs.resources import PlanpipeResource
 from planpipe.ingest.engine import BatchReport, IngestEngine, RunSummary
 from planpipe.ingest.sla import Progress
@@ -110,8 +110,9 @@ def ingest_micro_batches(
         summary: RunSummary | None = None
         with watchdog:
             try:
+                standing = context.run.tags.get(STANDING_TAG) == "true"
                 summary = engine.run(
-                    until_caught_up=True, max_seconds=planpipe.ingest_max_seconds, idle_s=planpipe.ingest_idle_s
+                    until_caught_up=not standing, max_seconds=planpipe.ingest_max_seconds, idle_s=planpipe.ingest_idle_s
                 )
             except Exception as error:
                 if not stop.requested:

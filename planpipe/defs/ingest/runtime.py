@@ -28,6 +28,10 @@ from planpipe.settings import Settings
 
 logger = logging.getLogger("planpipe.defs.ingest")
 
+# A standing run keeps consuming when caught up (until it retires at PLANPIPE_INGEST_MAX_SECONDS),
+# so a record never waits for a run to start; runs launched for backlog end once caught up and idle.
+STANDING_TAG = "planpipe/standing"
+
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 

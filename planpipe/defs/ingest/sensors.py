@@ -10,7 +10,7 @@ import psycopg
 
 from planpipe.defs.ingest.assets import OBSERVATIONS, ingest_micro_batches, query_plans_topic
 from planpipe.defs.ingest.jobs import INGEST_ROLE_TAG, ingest_job
-from planpipe.defs.ingest.runtime import ingest_client_id
+from planpipe.defs.ingest.runtime import STANDING_TAG, ingest_client_id
 from planpipe.defs.resources import PlanpipeResource
 from planpipe.ingest.lag import LagUnavailable, PartitionLag, group_assignments, group_lag
 from planpipe.ingest.sla import Progress, ingest_progress
@@ -33,27 +33,41 @@ IN_FLIGHT = [
 HANDOVER_S = 60.0
 
 
-def runs_in_flight(instance: dg.DagsterInstance, job_name: str, *, max_seconds: float | None = None) -> int:
+def runs_in_flight(
+    instance: dg.DagsterInstance, job_name: str, *, max_seconds: float | None = None
+) -> list[dg.DagsterRun]:
     """Runs of the job queued or running, not counting those within HANDOVER_S of `max_seconds`."""
     runs = instance.get_runs(dg.RunsFilter(job_name=job_name, statuses=IN_FLIGHT))
     if max_seconds is None:
-        return len(runs)
+        return list(runs)
     now = time.time()
     handover_s = min(HANDOVER_S, max_seconds / 4)  # short test runs must not look retiring from the start
-    retiring = 0
+    staying = []
     for run in runs:
         started = _consuming_since(instance, run.run_id) if run.status == dg.DagsterRunStatus.STARTED else None
-        if started is not None and now - started >= max_seconds - handover_s:
-            retiring += 1
-    return len(runs) - retiring
+        if started is None or now - started < max_seconds - handover_s:
+            staying.append(run)
+    return staying
 
 
 def wanted_runs(total_lag: int, in_flight: int, limit: int) -> int:
-    """How many ingest runs to launch now (pure, unit-tested)."""
+    """How many ingest runs to launch now for the backlog (pure, unit-tested)."""
     if total_lag <= 0:
         return 0
     desired = min(limit, max(1, math.ceil(total_lag / LAG_PER_EXTRA_RUN)))
     return max(0, desired - in_flight)
+
+
+def runs_to_launch(
+    total_lag: int, in_flight: int, standing_in_flight: int, *, limit: int, minimum: int
+) -> tuple[int, int]:
+    """(standing, for backlog): runs to launch so that `minimum` standing runs consume at all times
+    and the backlog gets its share, never more than max(limit, minimum) in flight (pure)."""
+    standing = max(0, minimum - standing_in_flight)
+    total = max(standing, wanted_runs(total_lag, in_flight, limit))
+    total = min(total, max(0, max(limit, minimum) - in_flight))
+    standing = min(standing, total)
+    return standing, total - standing
 
 
 @dataclass(frozen=True)
@@ -142,8 +156,9 @@ def replace_stuck_runs(context: dg.SensorEvaluationContext, stuck: list[StuckRun
     job=ingest_job,
     minimum_interval_seconds=15,
     default_status=dg.DefaultSensorStatus.RUNNING,
-    description="Polls consumer-group lag on query-plans; records it, launches ingest runs when there is lag, "
-    "and replaces an ingest run that has lag but committed no batch for 60 s.",
+    description="Polls consumer-group lag on query-plans; records it, keeps PLANPIPE_MIN_INGEST_RUNS standing "
+    "ingest runs consuming, launches more when there is lag, and replaces an ingest run that has lag but "
+    "committed no batch for 60 s.",
 )
 def kafka_lag_sensor(context: dg.SensorEvaluationContext, planpipe: PlanpipeResource) -> dg.SensorResult:
     settings = planpipe.settings()
@@ -172,11 +187,19 @@ def kafka_lag_sensor(context: dg.SensorEvaluationContext, planpipe: PlanpipeReso
     replaced = replace_stuck_runs(context, stuck)
     # Terminated runs are CANCELING now: no longer counted in flight, so replacements are launched.
     in_flight = runs_in_flight(context.instance, ingest_job.name, max_seconds=planpipe.ingest_max_seconds)
-    to_launch = wanted_runs(total, in_flight, planpipe.max_ingest_runs)
+    standing, for_backlog = runs_to_launch(
+        total, len(in_flight), sum(1 for run in in_flight if run.tags.get(STANDING_TAG) == "true"),
+        limit=planpipe.max_ingest_runs, minimum=planpipe.min_ingest_runs,
+    )  # fmt: skip
     tags = {INGEST_ROLE_TAG: "ingest", "planpipe/lag": str(total)}
     if replaced:
         tags[REPLACES_TAG] = ",".join(replaced)
-    requests = [dg.RunRequest(run_key=f"ingest-{launched + i + 1}", tags=tags) for i in range(to_launch)]
+    requests = [
+        dg.RunRequest(
+            run_key=f"ingest-{launched + i + 1}", tags={**tags, STANDING_TAG: "true"} if i < standing else tags
+        )
+        for i in range(standing + for_backlog)
+    ]
     observation = dg.AssetObservation(
         asset_key=query_plans_topic.key,
         metadata={

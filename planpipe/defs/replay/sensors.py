@@ -34,7 +34,7 @@ def dlq_sensor(context: dg.SensorEvaluationContext, planpipe: PlanpipeResource) 
         asset_key=dlq_topic.key,
         metadata={"unreplayed": dg.MetadataValue.int(pending), "messages_total": dg.MetadataValue.int(high)},
     )
-    if pending == 0 or runs_in_flight(context.instance, replay_job.name) > 0:
+    if pending == 0 or runs_in_flight(context.instance, replay_job.name):
         return dg.SensorResult(asset_events=[observation], skip_reason=None if pending else "DLQ fully replayed")
     last_launch = _last_launch(context.cursor)
     if not replay_due(pending, time.time() - last_launch, planpipe.replay_interval_s):

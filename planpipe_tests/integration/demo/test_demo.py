@@ -21,9 +21,10 @@ def test_planpipe_demo_runs_the_whole_loop(stack_settings: Settings) -> None:
         text=True,
         timeout=600,
     )
-    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert completed.stdout.strip(), completed.stderr[-3000:]
     summary = json.loads(completed.stdout)
     print(json.dumps(summary, indent=2))
+    assert completed.returncode == 0, (summary["failed_runs"], completed.stderr[-2000:])
     jobs = summary["runs_by_job_and_status"]
     # Long-lived ingest runs are stopped gracefully when the demo ends: SUCCESS or CANCELED, never FAILURE.
     assert any(key.startswith(("ingest_job:SUCCESS", "ingest_job:CANCELED")) for key in jobs), jobs

@@ -5,7 +5,7 @@ Kept apart from the consumer loop so it can be unit-tested and benchmarked alone
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Final, Protocol
 
 from planpipe.contract import ContractViolation, EnvelopeDecoder, Reason
 from planpipe.dlq import H_TRACE_ID, AnyHeaders, DeadLetter, as_header_list
@@ -163,6 +163,21 @@ def prepare_batch(
         dropped_low=dropped_low,
         new_plan_samples=samples,
     )
+
+
+# Under lag a batch may grow to this many times the configured size: fixed costs per batch
+# (one transaction, one file per partition, fsyncs) are then spread over more records.
+BATCH_GROWTH: Final = 10
+
+
+def next_batch_limit(limit: int, received: int, floor: int, ceiling: int) -> int:
+    """The next consume's record limit: doubles while consumes come back full (a backlog),
+    halves once they come back less than half full (caught up: small batches, low latency)."""
+    if received >= limit:
+        return min(ceiling, limit * 2)
+    if received < limit // 2:
+        return max(floor, limit // 2)
+    return limit
 
 
 def _trace_header(record: KafkaRecord) -> str | None:

@@ -1,5 +1,8 @@
 """Prometheus metrics of the consumer side, named as the runbook's alert rules expect."""
 
+import math
+from bisect import bisect_left
+from collections.abc import Sequence
 from typing import Final
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -28,3 +31,22 @@ SINK_REJECTED = Counter(
 INGEST_STALLS = Counter(
     "planpipe_ingest_stalls_total", "Watchdog: lag and no committed batch for 60 s", registry=REGISTRY
 )
+
+
+def observe_many(histogram: Histogram, values: Sequence[float]) -> None:
+    """`histogram.observe(v)` for each value, with one increment per bucket instead of one call per value.
+
+    The ingest observes a whole batch's latencies at once: once per record cost ~10 µs each
+    (a lock and a bucket walk per call). Relies on prometheus_client's Histogram layout
+    (`_upper_bounds`, `_buckets`, `_sum`); `test_metrics` checks it against `observe`.
+    """
+    if not values:
+        return
+    bounds: list[float] = histogram._upper_bounds
+    counts = [0] * len(bounds)
+    for value in values:
+        counts[bisect_left(bounds, value)] += 1
+    histogram._sum.inc(math.fsum(values))
+    for index, count in enumerate(counts):
+        if count:
+            histogram._buckets[index].inc(count)

@@ -2,6 +2,9 @@
 
 import dagster as dg
 
+from planpipe.defs.health.assets import kafka_cluster
+from planpipe.defs.health.checks import health_check_job, health_checks, health_schedule
+from planpipe.defs.health.sensors import broker_health_sensor
 from planpipe.defs.ingest.assets import dlq_topic, ingest_micro_batches, query_plans_topic
 from planpipe.defs.ingest.checks import sla_checks
 from planpipe.defs.ingest.jobs import ingest_job
@@ -58,8 +61,17 @@ plans_defs = dg.Definitions(
     sensors=[regressions_automation],
 )
 
+health_defs = dg.Definitions(
+    assets=[kafka_cluster],
+    asset_checks=health_checks,
+    jobs=[health_check_job],
+    schedules=[health_schedule],
+    sensors=[broker_health_sensor],
+)
+
 defs = dg.Definitions.merge(
     ingest_defs,
+    health_defs,
     plans_defs,
     replay_defs,
     quality_defs,

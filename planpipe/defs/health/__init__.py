@@ -1,0 +1,1 @@
+"""Dagster wiring of Kafka broker health (observations, check, fallback-mode sensor) and the trace SLA check."""

@@ -12,13 +12,24 @@ from planpipe.settings import Settings
 
 def add_parsers(sub: "argparse._SubParsersAction[Any]") -> None:
     p = sub.add_parser("detect", help="recompute plan-regression findings over the Parquet dataset (as the asset does)")
-    p.add_argument("--window-hours", type=float, default=24.0, help="recent executions judged (default 24)")
+    p.add_argument(
+        "--window-hours",
+        type=float,
+        default=None,
+        help="judge the last N hours against the rest instead of splitting each series at its change point",
+    )
     p.add_argument("--lookback-hours", type=float, default=168.0, help="baseline executions considered (default 168)")
     p.add_argument("--min-ratio", type=float, default=1.5, help="p50 ratio threshold (default 1.5)")
     p.add_argument("--min-abs-ms", type=float, default=10.0, help="absolute p50 difference threshold (default 10)")
     p.add_argument("--min-executions", type=int, default=20, help="executions needed on each side (default 20)")
     p.add_argument("--alpha", type=float, default=0.01, help="Mann-Whitney U significance level (default 0.01)")
-    p.add_argument("--fdr", action="store_true", help="Benjamini-Hochberg across the run's comparisons")
+    p.add_argument(
+        "--per-comparison-alpha",
+        action="store_true",
+        help="apply alpha to each comparison (default: Benjamini-Hochberg across the run's comparisons)",
+    )
+    p.add_argument("--settling-executions", type=int, default=30, help="settling period of a query (default 30)")
+    p.add_argument("--resolve-executions", type=int, default=20, help="executions that resolve a finding (default 20)")
     p.add_argument("--cluster", action="append", default=[], help="only this cluster (repeatable)")
     p.add_argument("--diff", action="store_true", help="print each finding's plan diff")
     _format(p)
@@ -29,7 +40,9 @@ def add_parsers(sub: "argparse._SubParsersAction[Any]") -> None:
     since.add_argument("--since", type=_iso, help="last detected at or after this ISO time")
     since.add_argument("--since-hours", type=float, help="last detected within this many hours")
     p.add_argument("--cluster", help="only this cluster")
-    p.add_argument("--status", choices=["open", "acknowledged", "resolved", "unresolved", "all"], default="open")
+    p.add_argument(
+        "--status", choices=["open", "acknowledged", "resolved", "improvement", "unresolved", "all"], default="open"
+    )
     p.add_argument("--diff", action="store_true", help="print each finding's plan diff")
     _format(p)
     p.set_defaults(handler=_regressions)
@@ -97,24 +110,31 @@ def _finding_rows(findings: Sequence[Any]) -> list[list[object]]:
                 f.cluster_id,
                 f.query_hash,
                 f"{f.baseline_fingerprint[:12]} → {f.new_fingerprint[:12]}",
-                f"{base.get('p50_ms')} → {new.get('p50_ms')}",
-                f"{ratio:.3g}×" if ratio is not None else "-",
-                f"{base.get('executions')}/{new.get('executions')}",
-                f"{f.evidence.get('p_value', float('nan')):.2g}",
+                f"{base.get('p50_ms', '')} → {new.get('p50_ms', '')}",
+                f.speed if ratio is not None else "-",
+                f.started_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M") if f.started_at else "",
+                f"{base.get('executions', '')}/{new.get('executions', '')}",
+                f"{f.evidence['p_value']:.2g}" if isinstance(f.evidence.get("p_value"), float) else "",
                 f.last_detected.astimezone(UTC).strftime("%Y-%m-%d %H:%M"),
             ]
         )
     return rows
 
 
-_FINDING_HEADERS = ("id", "status", "severity", "kind", "cluster", "query", "plans", "p50 ms", "ratio", "n", "p",
-                    "last detected")  # fmt: skip
+_FINDING_HEADERS = ("id", "status", "severity", "kind", "cluster", "query", "plans", "p50 ms", "change", "started",
+                    "n", "p", "last detected")  # fmt: skip
 
 
 def _print_findings(findings: Sequence[Any], with_diff: bool) -> None:
     if not findings:
         return
     print(_table(_FINDING_HEADERS, _finding_rows(findings)))
+    for f in findings:
+        remedy = f.remediation_lines()
+        if remedy:
+            print(f"\n#{f.id} what to do:")
+            for line in remedy:
+                print(f"  - {line}")
     if with_diff:
         for f in findings:
             print(f"\n#{f.id} {f.kind} {f.cluster_id}/{f.query_hash}\n{f.diff_markdown}")
@@ -131,7 +151,9 @@ def _detect(args: argparse.Namespace, settings: Settings) -> int:
             min_abs_ms=args.min_abs_ms,
             min_executions=args.min_executions,
             alpha=args.alpha,
-            fdr=args.fdr,
+            fdr=not args.per_comparison_alpha,
+            settling_executions=args.settling_executions,
+            resolve_executions=args.resolve_executions,
             clusters=tuple(args.cluster),
         )
     except ValueError as error:
@@ -145,11 +167,16 @@ def _detect(args: argparse.Namespace, settings: Settings) -> int:
     counts = result.counts()
     print(
         f"detect: {counts['plan_flip_regression']} plan-flip regressions, {counts['same_plan_slower']} same-plan "
-        f"slowdowns, {counts['plan_flip_improvement']} improvements, {len(result.resolved)} auto-resolved "
+        f"slowdowns, {counts['cluster_slowdown']} cluster slowdowns, {counts['plan_flip_improvement']} improvements, "
+        f"{len(result.resolved)} resolved, {len(result.settled)} baselines settled "
         f"({s.observations:,} observations, {s.comparisons:,} comparisons, {s.tested:,} tested, "
         f"{result.elapsed_s:.1f}s)"
     )
     _print_findings(result.findings, args.diff)
+    for settled in result.settled:
+        print(f"baseline settled {settled.cluster_id}/{settled.query_hash}: {settled.fingerprint[:12]} "
+              f"({settled.executions} of {settled.settling_executions} settling executions) replaces "
+              f"{settled.replaced[:12]}")  # fmt: skip
     for r in result.resolved:
         print(f"resolved #{r.id} {r.kind} {r.cluster_id}/{r.query_hash}: {r.resolution}")
     return 0

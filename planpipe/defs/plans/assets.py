@@ -27,14 +27,15 @@ REDETECT = (
     kinds={"postgres", "polars"},
     automation_condition=REDETECT,
     description=(
-        "Queries whose recent executions use a plan other than the accepted baseline, compared on raw "
-        "latencies (Mann-Whitney U): plan flips that regressed or improved, same plan slower, with "
-        "evidence and a node-level plan diff. Findings stay open until resolved or acknowledged."
+        "Plan flips that regressed or improved, same-plan slowdowns found at their change point, and "
+        "cluster-wide slowdowns (slower with unchanged work), judged on raw latencies (Mann-Whitney U, "
+        "Benjamini-Hochberg) with work evidence, a node-level plan diff and what to do (missing index, "
+        "statistics, a validated pg_hint_plan hint). Findings resolve only on evidence."
     ),
 )
 def plan_regressions(context: dg.AssetExecutionContext, planpipe: PlanpipeResource) -> dg.MaterializeResult[None]:
     settings = planpipe.settings()
-    result = detect_regressions(settings.pg_dsn, settings.parquet_dir, config=DetectionConfig(fdr=True))
+    result = detect_regressions(settings.pg_dsn, settings.parquet_dir, config=DetectionConfig())
     metadata: dict[str, dg.MetadataValue] = {}
     for key, value in result.metadata().items():
         if key == "report":
@@ -55,6 +56,9 @@ def plan_regressions(context: dg.AssetExecutionContext, planpipe: PlanpipeResour
                     "cluster": f.cluster_id, "query_hash": f.query_hash,
                     "baseline_plan": f.baseline_fingerprint[:12], "new_plan": f.new_fingerprint[:12],
                     "ratio_p50": float(f.ratio_p50) if f.ratio_p50 is not None else 0.0,
+                    "change": f.speed,
+                    "started": f.started_at.isoformat(timespec="seconds") if f.started_at else "",
+                    "what_to_do": " · ".join(f.remediation_lines()),
                 })
                 for f in result.findings[:50]
             ],

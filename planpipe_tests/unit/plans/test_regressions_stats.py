@@ -1,4 +1,4 @@
-"""Mann-Whitney U (normal approximation, tie + continuity corrected) against known values."""
+"""Mann-Whitney U (scipy: exact for small untied samples, else tie + continuity corrected), BH, change points."""
 
 import math
 import random
@@ -12,12 +12,12 @@ pytestmark = pytest.mark.unit
 
 
 def test_scipy_documentation_example() -> None:
-    # scipy.stats.mannwhitneyu docs: males vs females, method="asymptotic"
-    # → statistic 17.0, pvalue 0.11134688653314041.
+    # scipy.stats.mannwhitneyu docs: males vs females; small untied samples use the exact
+    # distribution → statistic 17.0, pvalue 0.1111 (asymptotic would give 0.11134688653314041).
     males, females = [19, 22, 16, 29, 24], [20, 11, 17, 12]
     result = mann_whitney_u(females, males)
     assert result.u == 17.0
-    assert result.p_value == pytest.approx(0.11134688653314041, rel=1e-12)
+    assert result.p_value == pytest.approx(1 / 9, rel=1e-12) and result.method == "exact"
     assert result.z > 0  # the "new" sample (males) tends to be larger
     assert result.effect == pytest.approx(17 / 20)
 
@@ -94,3 +94,26 @@ def test_benjamini_hochberg_matches_r_p_adjust() -> None:
     assert benjamini_hochberg([0.01, 0.04, 0.03, 0.005], 10) == pytest.approx([0.05, 0.1, 0.1, 0.05])
     assert benjamini_hochberg([0.5, 0.9], 2) == pytest.approx([0.9, 0.9])
     assert benjamini_hochberg([], 5) == []
+
+
+def test_change_point_finds_where_a_slowdown_started_and_ignores_noise() -> None:
+    from planpipe.plans.stats import find_change
+
+    rng = np.random.default_rng(7)
+    for sigma in (0.1, 0.4, 0.8):
+        before, after = rng.normal(0, sigma, 3000), rng.normal(np.log(3), sigma, 40)
+        change = find_change(np.r_[before, after], min_size=20)
+        assert change is not None and abs(change.index - 3000) <= 10
+        assert find_change(rng.normal(0, sigma, 5000), min_size=20) is None
+    # Two steps up: the slowdown started at the first one.
+    steps = np.r_[rng.normal(0, 0.2, 100), rng.normal(0.6, 0.2, 100), rng.normal(1.2, 0.2, 100)]
+    change = find_change(steps, min_size=20)
+    assert change is not None and abs(change.index - 100) <= 5 and len(change.breakpoints) == 2
+    # Too short to hold two segments of min_size.
+    assert find_change(np.r_[np.zeros(10), np.ones(10)], min_size=20) is None
+
+
+def test_benjamini_hochberg_is_scipys_with_unlisted_hypotheses_at_one() -> None:
+    adjusted = benjamini_hochberg([0.001, 0.02, 0.04], tests=10)
+    assert adjusted == pytest.approx([0.01, 0.1, 0.1333333], rel=1e-6)
+    assert benjamini_hochberg([], tests=5) == []

@@ -19,10 +19,10 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Final
 
 import msgspec
+import polars as pl
 import psycopg
 
 from planpipe.ingest.batch import OffsetRange, PreparedBatch
@@ -59,49 +59,96 @@ class CommitResult:
     committed_at: float
 
 
+_KEY: Final = ["cluster_id", "query_hash", "fingerprint"]
+
+
 @dataclass
-class _Aggregate:
-    first_seen: float
-    last_seen: float
-    executions: int
-    time_sum: float
-    time_min: float
-    time_max: float
-    rows_sum: int
-    hist: dict[int, int]
-    route: str
+class _Groups:
+    """The batch aggregated per key, set-based (polars), each frame sorted by key (= lock order)."""
 
-    def add(self, ts: float, ms: float, rows: int) -> None:
-        self.first_seen = min(self.first_seen, ts)
-        self.last_seen = max(self.last_seen, ts)
-        self.executions += 1
-        self.time_sum += ms
-        self.time_min = min(self.time_min, ms)
-        self.time_max = max(self.time_max, ms)
-        self.rows_sum += rows
-        bucket = latency.bucket_of(ms)
-        self.hist[bucket] = self.hist.get(bucket, 0) + 1
+    baselines: pl.DataFrame  # per (cluster, query, plan)
+    rollups: pl.DataFrame  # per (cluster, query, plan, hour)
+    queries: pl.DataFrame  # per (cluster, query)
+    # Latency histograms per baseline / rollup key, merged with the stored ones under the locks.
+    baseline_hists: dict[tuple[str, str, str], dict[int, int]]
+    rollup_hists: dict[tuple[str, str, str, float], dict[int, int]]
 
 
-def _aggregate(batch: PreparedBatch, hourly: bool) -> dict[tuple[str, ...], _Aggregate]:
+def _first_text(name: str) -> pl.Expr:
+    # The first non-empty value in record order, as the catalog kept it before (`a or b`).
+    column = pl.col(name)
+    return column.filter(column.is_not_null() & (column != "")).first()
+
+
+def _aggregate(batch: PreparedBatch) -> _Groups:
     obs = batch.observations
-    groups: dict[tuple[str, ...], _Aggregate] = {}
-    for i in range(len(obs)):
-        ts, ms, rows = obs.execution_timestamp[i], obs.total_time_ms[i], obs.actual_rows[i]
-        key: tuple[str, ...] = (obs.cluster_id[i], obs.query_hash[i], obs.fingerprint[i])
-        if hourly:
-            key += (datetime.fromtimestamp(ts - ts % 3600, UTC).isoformat(),)
-        agg = groups.get(key)
-        if agg is None:
-            groups[key] = _Aggregate(ts, ts, 1, ms, ms, ms, rows, {latency.bucket_of(ms): 1}, obs.route[i])
-        else:
-            agg.add(ts, ms, rows)
-    return dict(sorted(groups.items()))  # key order = lock order
+    bucket_of = latency.bucket_of
+    frame = pl.DataFrame(
+        {
+            "cluster_id": obs.cluster_id,
+            "query_hash": obs.query_hash,
+            "fingerprint": obs.fingerprint,
+            "ts": obs.execution_timestamp,
+            "ms": obs.total_time_ms,
+            "rows": obs.actual_rows,
+            "route": obs.route,
+            "query_type": obs.query_type,
+            "query_text": obs.query_text,
+            "bucket": [bucket_of(ms) for ms in obs.total_time_ms],
+        },
+        schema=_FRAME_SCHEMA,
+    ).with_columns(hour=pl.col("ts") - pl.col("ts") % 3600)
+    # Int128: a sum of int64 row counts may exceed int64 (the column is numeric).
+    rows_sum = pl.col("rows").cast(pl.Int128).sum().alias("rows_sum")
+    baselines = (
+        frame.group_by(_KEY)
+        .agg(
+            pl.col("ts").min().alias("first_seen"),
+            pl.col("ts").max().alias("last_seen"),
+            pl.len().alias("executions"),
+            pl.col("ms").sum().alias("time_sum"),
+            pl.col("ms").min().alias("time_min"),
+            pl.col("ms").max().alias("time_max"),
+            rows_sum,
+        )
+        .sort(_KEY)
+    )
+    rollups = (
+        frame.group_by([*_KEY, "hour"], maintain_order=True)
+        .agg(pl.col("route").first(), pl.len().alias("executions"), pl.col("ms").sum().alias("time_sum"), rows_sum)
+        .sort([*_KEY, "hour"])
+    )
+    queries = (
+        frame.group_by(["cluster_id", "query_hash"], maintain_order=True)
+        .agg(
+            pl.col("ts").min().alias("first_seen"),
+            pl.col("ts").max().alias("last_seen"),
+            _first_text("query_type"),
+            _first_text("query_text"),
+        )
+        .sort(["cluster_id", "query_hash"])
+    )
+    baseline_hists: dict[tuple[str, str, str], dict[int, int]] = {}
+    for c, q, f, bucket, count in frame.group_by([*_KEY, "bucket"]).len().iter_rows():
+        baseline_hists.setdefault((c, q, f), {})[bucket] = count
+    rollup_hists: dict[tuple[str, str, str, float], dict[int, int]] = {}
+    for c, q, f, hour, bucket, count in frame.group_by([*_KEY, "hour", "bucket"]).len().iter_rows():
+        rollup_hists.setdefault((c, q, f, hour), {})[bucket] = count
+    return _Groups(baselines, rollups, queries, baseline_hists, rollup_hists)
 
 
-def _ts(epoch: float) -> datetime:
-    return datetime.fromtimestamp(epoch, UTC)
-
+_FRAME_SCHEMA: Final = {
+    "cluster_id": pl.String,
+    "query_hash": pl.String,
+    "fingerprint": pl.String,
+    "ts": pl.Float64,
+    "ms": pl.Float64,
+    "rows": pl.Int64,
+    "route": pl.String,
+    "query_type": pl.String,
+    "query_text": pl.String,
+    "bucket": pl.Int32,
+}
 
 _json = msgspec.json.Encoder()
 
@@ -110,59 +157,59 @@ def _hist_json(hist: dict[int, int]) -> str:
     return _json.encode({str(k): v for k, v in hist.items()}).decode()
 
 
-def _merge_stored_histograms(
-    cur: psycopg.Cursor[tuple[object, ...]],
-    baselines: dict[tuple[str, ...], _Aggregate],
-    rollups: dict[tuple[str, ...], _Aggregate],
-) -> None:
-    if baselines:
-        keys = list(baselines)
+def _merge_stored_histograms(cur: psycopg.Cursor[tuple[object, ...]], groups: _Groups) -> None:
+    """Read (FOR UPDATE) the stored histograms of the batch's keys and add the batch's counts to them."""
+    if groups.baselines.height:
+        b = groups.baselines
         rows = cur.execute(
             """SELECT b.cluster_id, b.query_hash, b.fingerprint, b.latency_hist
                FROM planpipe.plan_baselines b
-               JOIN unnest(%s::text[], %s::text[], %s::text[]) AS k(c, q, f)
+               JOIN unnest(%b::text[], %b::text[], %b::text[]) AS k(c, q, f)
                  ON b.cluster_id = k.c AND b.query_hash = k.q AND b.fingerprint = k.f
                ORDER BY 1, 2, 3 FOR UPDATE OF b""",
-            ([k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys]),
+            (b["cluster_id"].to_list(), b["query_hash"].to_list(), b["fingerprint"].to_list()),
         ).fetchall()
         for c, q, f, stored in rows:
-            agg = baselines[(str(c), str(q), str(f))]
-            agg.hist = latency.merge(latency.from_json(stored), agg.hist)  # type: ignore[arg-type]
-    if rollups:
-        keys = list(rollups)
+            key = (str(c), str(q), str(f))
+            groups.baseline_hists[key] = latency.merge(latency.from_json(stored), groups.baseline_hists[key])  # type: ignore[arg-type]
+    if groups.rollups.height:
+        r = groups.rollups
         rows = cur.execute(
-            """SELECT r.cluster_id, r.query_hash, r.fingerprint, r.hour, r.latency_hist
+            """SELECT r.cluster_id, r.query_hash, r.fingerprint, extract(epoch FROM r.hour)::float8, r.latency_hist
                FROM planpipe.plan_rollups_hourly r
-               JOIN unnest(%s::text[], %s::text[], %s::text[], %s::timestamptz[]) AS k(c, q, f, h)
-                 ON r.cluster_id = k.c AND r.query_hash = k.q AND r.fingerprint = k.f AND r.hour = k.h
+               JOIN unnest(%b::text[], %b::text[], %b::text[], %b::float8[]) AS k(c, q, f, h)
+                 ON r.cluster_id = k.c AND r.query_hash = k.q AND r.fingerprint = k.f AND r.hour = to_timestamp(k.h)
                ORDER BY 1, 2, 3, 4 FOR UPDATE OF r""",
-            ([k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys],
-             [datetime.fromisoformat(k[3]) for k in keys]),
-        ).fetchall()  # fmt: skip
+            (r["cluster_id"].to_list(), r["query_hash"].to_list(), r["fingerprint"].to_list(), r["hour"].to_list()),
+        ).fetchall()
         for c, q, f, hour, stored in rows:
-            agg = rollups[(str(c), str(q), str(f), hour.astimezone(UTC).isoformat())]  # type: ignore[attr-defined]
-            agg.hist = latency.merge(latency.from_json(stored), agg.hist)  # type: ignore[arg-type]
+            rkey = (str(c), str(q), str(f), float(hour))  # type: ignore[arg-type]
+            groups.rollup_hists[rkey] = latency.merge(latency.from_json(stored), groups.rollup_hists[rkey])  # type: ignore[arg-type]
 
 
 def _fence(cur: psycopg.Cursor[tuple[object, ...]], group: str, ranges: Sequence[OffsetRange]) -> None:
-    for span in sorted(ranges, key=lambda r: (r.topic, r.partition)):
-        cur.execute(
-            """INSERT INTO planpipe.consumer_offsets (consumer_group, topic, partition, next_offset)
-               VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING""",
-            (group, span.topic, span.partition, span.first),
-        )
-        row = cur.execute(
-            """SELECT next_offset FROM planpipe.consumer_offsets
-               WHERE consumer_group = %s AND topic = %s AND partition = %s FOR UPDATE""",
-            (group, span.topic, span.partition),
-        ).fetchone()
-        assert row is not None
-        stored = int(row[0])  # type: ignore[call-overload]
+    """Lock the offset rows of the batch's partitions (two statements whatever their number)."""
+    spans = sorted(ranges, key=lambda r: (r.topic, r.partition))
+    topics, partitions = [r.topic for r in spans], [r.partition for r in spans]
+    cur.execute(
+        """INSERT INTO planpipe.consumer_offsets (consumer_group, topic, partition, next_offset)
+           SELECT %s, * FROM unnest(%b::text[], %b::int[], %b::bigint[]) ON CONFLICT DO NOTHING""",
+        (group, topics, partitions, [r.first for r in spans]),
+    )
+    rows = cur.execute(
+        """SELECT o.topic, o.partition, o.next_offset FROM planpipe.consumer_offsets o
+           JOIN unnest(%b::text[], %b::int[]) AS k(t, p) ON o.topic = k.t AND o.partition = k.p
+           WHERE o.consumer_group = %s ORDER BY o.topic, o.partition FOR UPDATE OF o""",
+        (topics, partitions, group),
+    ).fetchall()
+    stored = {(str(t), int(p)): int(n) for t, p, n in rows}  # type: ignore[call-overload]
+    for span in spans:
         # Past the stored offset is fine (a gap of markers, aborted or compacted records);
         # before it means these records were committed already.
-        if span.first < stored:
+        if span.first < stored[(span.topic, span.partition)]:
             raise StaleBatchError(
-                f"{span.topic}[{span.partition}]: batch starts at {span.first}, already committed up to {stored - 1}"
+                f"{span.topic}[{span.partition}]: batch starts at {span.first}, "
+                f"already committed up to {stored[(span.topic, span.partition)] - 1}"
             )
 
 
@@ -170,8 +217,7 @@ def _take_locks(
     cur: psycopg.Cursor[tuple[object, ...]],
     group: str,
     ranges: Sequence[OffsetRange],
-    baselines: dict[tuple[str, ...], "_Aggregate"],
-    rollups: dict[tuple[str, ...], "_Aggregate"],
+    groups: _Groups,
     lock_timeout_ms: int,
 ) -> float:
     """Take every lock of the batch in a fixed order; returns the milliseconds it took."""
@@ -181,21 +227,21 @@ def _take_locks(
         cur.execute(f"SET LOCAL lock_timeout = {int(lock_timeout_ms)}")
         cur.execute(f"LOCK TABLE {_TABLES} IN ROW EXCLUSIVE MODE")
         _fence(cur, group, ranges)
-        if baselines:
+        if groups.queries.height:
             # One transaction-scoped advisory lock per query, taken in hash order: it
             # serialises plan_version numbering and baseline upserts of a query across
             # consumers without deadlocks.
             cur.execute(
                 """SELECT count(pg_advisory_xact_lock(h)) FROM (
                        SELECT DISTINCT hashtextextended(c || chr(31) || q, 0) AS h
-                       FROM unnest(%s::text[], %s::text[]) AS k(c, q) ORDER BY h) AS ordered""",
-                ([k[0] for k in baselines], [k[1] for k in baselines]),
+                       FROM unnest(%b::text[], %b::text[]) AS k(c, q) ORDER BY h) AS ordered""",
+                (groups.queries["cluster_id"].to_list(), groups.queries["query_hash"].to_list()),
             )
         # The advisory locks make us the only planpipe writer of these queries' rows until
         # COMMIT, so histograms are merged here rather than by a per-row SQL function
         # (hist_add dominated the upserts in the benchmark profile). FOR UPDATE waits for
         # anyone else holding the rows (a plan accept/reject) and counts as lock wait.
-        _merge_stored_histograms(cur, baselines, rollups)
+        _merge_stored_histograms(cur, groups)
     except psycopg.errors.LockNotAvailable as error:
         raise LockWaitTimeout((time.perf_counter() - started) * 1000, str(error).strip()) from error
     return (time.perf_counter() - started) * 1000
@@ -220,21 +266,21 @@ def commit_batch(
     attempts of this batch waited before their `lock_timeout`, so the recorded lock
     wait is the batch's whole wait. `dry_run`: do everything, then roll back (used to
     find which records a sink rejects).
+
+    Set-based: the batch is aggregated per key first (`_aggregate`), then each table
+    gets one statement over arrays; timestamps travel as epoch seconds.
     """
     ranges = list(batch.offset_ranges.values())
-    baselines = _aggregate(batch, hourly=False)
-    rollups = _aggregate(batch, hourly=True)
+    groups = _aggregate(batch)
     obs = batch.observations
     with conn.transaction() as transaction, conn.cursor() as cur:
-        lock_wait_ms = earlier_lock_wait_ms + _take_locks(
-            cur, consumer_group, ranges, baselines, rollups, lock_timeout_ms
-        )
+        lock_wait_ms = earlier_lock_wait_ms + _take_locks(cur, consumer_group, ranges, groups, lock_timeout_ms)
 
         if new_plans:
             fps = sorted(new_plans)
             cur.execute(
                 """INSERT INTO planpipe.plan_catalog (fingerprint, normalized_plan, summary, sample_plan_text)
-                   SELECT * FROM unnest(%s::text[], %s::jsonb[], %s::text[], %s::text[])
+                   SELECT * FROM unnest(%b::text[], %b::jsonb[], %b::text[], %b::text[])
                    ON CONFLICT (fingerprint) DO NOTHING""",
                 (
                     fps,
@@ -244,71 +290,56 @@ def commit_batch(
                 ),
             )
 
-        queries: dict[tuple[str, str], tuple[float, float, str | None, str | None]] = {}
-        for i in range(len(obs)):
-            qkey = (obs.cluster_id[i], obs.query_hash[i])
-            ts = obs.execution_timestamp[i]
-            seen = queries.get(qkey)
-            if seen is None:
-                queries[qkey] = (ts, ts, obs.query_type[i], obs.query_text[i])
-            else:
-                queries[qkey] = (min(seen[0], ts), max(seen[1], ts), seen[2] or obs.query_type[i],
-                                 seen[3] or obs.query_text[i])  # fmt: skip
-        if queries:
-            qkeys = sorted(queries)
+        q = groups.queries
+        if q.height:
             cur.execute(
                 """INSERT INTO planpipe.query_catalog AS q
                        (cluster_id, query_hash, first_seen, last_seen, query_type, query_text)
-                   SELECT * FROM unnest(%s::text[], %s::text[], %s::timestamptz[], %s::timestamptz[],
-                                        %s::text[], %s::text[])
+                   SELECT c, h, to_timestamp(f), to_timestamp(l), t, x
+                   FROM unnest(%b::text[], %b::text[], %b::float8[], %b::float8[], %b::text[], %b::text[])
+                       AS k(c, h, f, l, t, x)
                    ON CONFLICT (cluster_id, query_hash) DO UPDATE SET
                        first_seen = least(q.first_seen, excluded.first_seen),
                        last_seen = greatest(q.last_seen, excluded.last_seen),
                        query_type = coalesce(q.query_type, excluded.query_type),
                        query_text = coalesce(q.query_text, excluded.query_text)""",
-                (
-                    [k[0] for k in qkeys],
-                    [k[1] for k in qkeys],
-                    [_ts(queries[k][0]) for k in qkeys],
-                    [_ts(queries[k][1]) for k in qkeys],
-                    [queries[k][2] for k in qkeys],
-                    [queries[k][3] for k in qkeys],
-                ),
+                [q[name].to_list() for name in q.columns],
             )
 
-        if baselines:
-            keys = list(baselines)
-            aggs = [baselines[k] for k in keys]
-            # New plans get the next plan_version of their query; the first plan of a
-            # query is accepted, later ones start as candidates (SQL Plan Management).
+        b = groups.baselines
+        if b.height:
+            hists = [
+                _hist_json(groups.baseline_hists[key])
+                for key in zip(b["cluster_id"], b["query_hash"], b["fingerprint"], strict=True)
+            ]
+            # New plans get the next plan_version of their query; the first plan of a query is
+            # accepted, later ones start as candidates (SQL Plan Management). Both come from one
+            # lookup of the query's highest version (an index probe per query, never a table scan).
             cur.execute(
                 """WITH incoming AS (
-                       SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::timestamptz[],
-                                            %s::timestamptz[], %s::bigint[], %s::float8[], %s::float8[],
-                                            %s::float8[], %s::numeric[], %s::jsonb[])
+                       SELECT * FROM unnest(%b::text[], %b::text[], %b::text[], %b::float8[], %b::float8[],
+                                            %b::bigint[], %b::float8[], %b::float8[], %b::float8[], %b::numeric[],
+                                            %b::jsonb[])
                            AS t(cluster_id, query_hash, fingerprint, first_seen, last_seen, executions,
                                 time_sum, time_min, time_max, rows_sum, hist)
                    ), numbered AS (
                        SELECT i.*,
-                              coalesce((SELECT max(plan_version) FROM planpipe.plan_baselines b
-                                        WHERE b.cluster_id = i.cluster_id AND b.query_hash = i.query_hash), 0)
-                              + row_number() OVER (PARTITION BY i.cluster_id, i.query_hash
-                                                   ORDER BY i.first_seen, i.fingerprint) AS version,
-                              NOT EXISTS (SELECT 1 FROM planpipe.plan_baselines b
-                                          WHERE b.cluster_id = i.cluster_id AND b.query_hash = i.query_hash)
-                              AND row_number() OVER (PARTITION BY i.cluster_id, i.query_hash
-                                                     ORDER BY i.first_seen, i.fingerprint) = 1 AS first_plan
+                              coalesce(v.top, 0) + row_number() OVER (PARTITION BY i.cluster_id, i.query_hash
+                                                                     ORDER BY i.first_seen, i.fingerprint) AS version
                        FROM incoming i
+                       LEFT JOIN LATERAL (SELECT max(plan_version) AS top FROM planpipe.plan_baselines b
+                                          WHERE b.cluster_id = i.cluster_id AND b.query_hash = i.query_hash) v ON true
                    )
                    INSERT INTO planpipe.plan_baselines AS b
                        (cluster_id, query_hash, fingerprint, plan_version, status, status_by, status_at,
                         first_seen, last_seen, executions, total_time_sum, total_time_min, total_time_max,
                         rows_sum, latency_hist)
                    SELECT cluster_id, query_hash, fingerprint, version,
-                          CASE WHEN first_plan THEN 'accepted' ELSE 'candidate' END,
-                          CASE WHEN first_plan THEN 'planpipe:first-plan' END,
-                          CASE WHEN first_plan THEN now() END,
-                          first_seen, last_seen, executions, time_sum, time_min, time_max, rows_sum, hist
+                          CASE WHEN version = 1 THEN 'accepted' ELSE 'candidate' END,
+                          CASE WHEN version = 1 THEN 'planpipe:first-plan' END,
+                          CASE WHEN version = 1 THEN now() END,
+                          to_timestamp(first_seen), to_timestamp(last_seen), executions, time_sum, time_min,
+                          time_max, rows_sum, hist
                    FROM numbered
                    ORDER BY cluster_id, query_hash, fingerprint
                    ON CONFLICT (cluster_id, query_hash, fingerprint) DO UPDATE SET
@@ -320,51 +351,34 @@ def commit_batch(
                        total_time_max = greatest(b.total_time_max, excluded.total_time_max),
                        rows_sum = b.rows_sum + excluded.rows_sum,
                        latency_hist = excluded.latency_hist""",
-                (
-                    [k[0] for k in keys],
-                    [k[1] for k in keys],
-                    [k[2] for k in keys],
-                    [_ts(a.first_seen) for a in aggs],
-                    [_ts(a.last_seen) for a in aggs],
-                    [a.executions for a in aggs],
-                    [a.time_sum for a in aggs],
-                    [a.time_min for a in aggs],
-                    [a.time_max for a in aggs],
-                    [a.rows_sum for a in aggs],
-                    [_hist_json(a.hist) for a in aggs],
-                ),
+                [*(b[name].to_list() for name in b.columns), hists],
             )
 
-        if rollups:
-            keys = list(rollups)
-            aggs = [rollups[k] for k in keys]
+        r = groups.rollups
+        if r.height:
+            hists = [
+                _hist_json(groups.rollup_hists[key])
+                for key in zip(r["cluster_id"], r["query_hash"], r["fingerprint"], r["hour"], strict=True)
+            ]
             cur.execute(
                 """INSERT INTO planpipe.plan_rollups_hourly AS r
                        (cluster_id, query_hash, fingerprint, hour, route, executions, total_time_sum,
                         rows_sum, latency_hist)
-                   SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::timestamptz[], %s::text[],
-                                        %s::bigint[], %s::float8[], %s::numeric[], %s::jsonb[])
+                   SELECT c, q, f, to_timestamp(h), route, n, t, rs, hist
+                   FROM unnest(%b::text[], %b::text[], %b::text[], %b::float8[], %b::text[],
+                               %b::bigint[], %b::float8[], %b::numeric[], %b::jsonb[])
+                       AS k(c, q, f, h, route, n, t, rs, hist)
                    ON CONFLICT (cluster_id, query_hash, fingerprint, hour) DO UPDATE SET
                        executions = r.executions + excluded.executions,
                        total_time_sum = r.total_time_sum + excluded.total_time_sum,
                        rows_sum = r.rows_sum + excluded.rows_sum,
                        latency_hist = excluded.latency_hist""",
-                (
-                    [k[0] for k in keys],
-                    [k[1] for k in keys],
-                    [k[2] for k in keys],
-                    [datetime.fromisoformat(k[3]) for k in keys],
-                    [a.route for a in aggs],
-                    [a.executions for a in aggs],
-                    [a.time_sum for a in aggs],
-                    [a.rows_sum for a in aggs],
-                    [_hist_json(a.hist) for a in aggs],
-                ),
+                [*(r[name].to_list() for name in r.columns), hists],
             )
 
         cur.execute(
             """INSERT INTO planpipe.consumer_offsets AS o (consumer_group, topic, partition, next_offset)
-               SELECT %s, * FROM unnest(%s::text[], %s::int[], %s::bigint[])
+               SELECT %s, * FROM unnest(%b::text[], %b::int[], %b::bigint[])
                ON CONFLICT (consumer_group, topic, partition) DO UPDATE
                    SET next_offset = excluded.next_offset, updated_at = now()""",
             (consumer_group, [r.topic for r in ranges], [r.partition for r in ranges], [r.last + 1 for r in ranges]),

@@ -99,6 +99,10 @@ class Settings:
     redis_external: bool = False
     redis_port: int = DEFAULT_REDIS_PORT
     redis_maxmemory: str = "256mb"
+    # Routing guide: a plan slower than k x its query's baseline p95 is critical (0: rule off).
+    latency_multiplier: float = 3.0
+    # PLANPIPE_REGION: this process works on one region's topics, groups and data (routing/topology.py).
+    region: str | None = None
 
     def __repr__(self) -> str:  # the dataclass repr would show DSN passwords and SASL secrets
         shown = {
@@ -127,7 +131,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     external_dsn = env.get("PLANPIPE_PG_DSN", "").strip()
     local_dsn = f"postgresql://postgres@127.0.0.1:{pg_port}/planpipe"
     pg_dsn = external_dsn or local_dsn
-    return Settings(
+    settings = Settings(
         home=home,
         cache_dir=Path(_env(env, "PLANPIPE_CACHE_DIR", str(Path.home() / ".cache" / "planpipe"))),
         data_dir=Path(_env(env, "PLANPIPE_DATA_DIR", str(home / "data"))),
@@ -155,7 +159,11 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         producer_overrides=librdkafka_passthrough(env, "producer"),
         consumer_overrides=librdkafka_passthrough(env, "consumer"),
         **_redis(env),
+        latency_multiplier=_env_float(env, "PLANPIPE_LATENCY_MULTIPLIER", 3.0),
     )
+    from planpipe.routing.topology import apply_region  # the topology module builds on Settings
+
+    return apply_region(settings, env)
 
 
 def _redis(env: Mapping[str, str]) -> dict[str, str | bool | int]:

@@ -11,7 +11,7 @@ from planpipe.contract import ContractViolation, EnvelopeDecoder, Reason
 from planpipe.dlq import H_TRACE_ID, AnyHeaders, DeadLetter, as_header_list
 from planpipe.plans.fingerprint import PlanParseError, fingerprint
 from planpipe.plans.work import NO_WORK, plan_work
-from planpipe.routing.router import RoutingConfig, parse_message_key, route_for
+from planpipe.routing.router import RoutingConfig, ingest_route, parse_message_key
 
 
 class KafkaRecord(Protocol):
@@ -142,7 +142,7 @@ def prepare_batch(
         # Latency is measured from publication; Kafka's CreateTime when the agent did not stamp it.
         obs.published_at.append(envelope.published_at if envelope.published_at is not None else create_ms / 1000)
         obs.fingerprint.append(plan_fingerprint)
-        obs.route.append(route_for(envelope, routing))
+        obs.route.append(ingest_route(envelope, priority, routing))
         obs.priority.append(priority)
         obs.kafka_topic.append(topic)
         obs.kafka_partition.append(partition)

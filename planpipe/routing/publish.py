@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Final
 
+import msgspec
 from opentelemetry.context import Context
 
 from planpipe import tracing
@@ -24,7 +25,7 @@ from planpipe.contract import EnvelopeDecoder
 from planpipe.dlq import H_REASON, H_TRACE_ID, DeadLetter, fit_value, header_map
 from planpipe.kafka_config import size_limits
 from planpipe.routing import metrics
-from planpipe.routing.candidates import RegressionCandidates
+from planpipe.routing.candidates import BaselineLatencies, RegressionCandidates
 from planpipe.routing.producer import DEFAULT_COOLDOWN_S, PlanProducer, ProducerStats
 from planpipe.routing.router import (
     BoundedEventQueue,
@@ -35,6 +36,7 @@ from planpipe.routing.router import (
     parse_message_key,
 )
 from planpipe.routing.spool import OutRecord
+from planpipe.routing.topology import load_topology
 from planpipe.settings import Settings
 
 logger = logging.getLogger("planpipe.publish")
@@ -63,6 +65,13 @@ class _Outgoing:
     @property
     def query_hash(self) -> str:
         return self.decision.query_hash
+
+
+class _ClusterOnly(msgspec.Struct):
+    cluster_id: object = None
+
+
+_cluster_only = msgspec.json.Decoder(_ClusterOnly)
 
 
 def label(route: str, priority: str) -> str:
@@ -136,12 +145,22 @@ class PlanPublisher:
     ) -> None:
         self._settings = settings
         self._limits = size_limits(settings)
+        self._topology = load_topology(settings)
         self._router = router or Router(
-            RoutingConfig(sample_rate_pct=settings.sample_rate_pct),
+            RoutingConfig(
+                sample_rate_pct=settings.sample_rate_pct, latency_multiplier=settings.latency_multiplier or None
+            ),
             decoder=EnvelopeDecoder(max_plan_bytes=settings.max_plan_bytes),
             regression_candidates=RegressionCandidates(settings.pg_dsn),
+            baselines=BaselineLatencies(settings.pg_dsn),
+            region_of=self._topology.region_of,
             max_envelope_bytes=self._limits.max_envelope_bytes,
         )
+        # Data residency: every region's pair of topics; the base pair for unmapped clusters.
+        self._topics: dict[str | None, tuple[str, str]] = {None: (settings.topic, settings.dlq_topic)}
+        self._topics.update({r.name: (r.topic, r.dlq_topic) for r in self._topology.regions})
+        self._main_topics = {main for main, _ in self._topics.values()}
+        self._dlq_topics = {dlq for _, dlq in self._topics.values()}
         if self._router.max_envelope_bytes is None:
             # A caller's router still enforces the size limit the producer is set up for.
             self._router.max_envelope_bytes = self._limits.max_envelope_bytes
@@ -260,7 +279,18 @@ class PlanPublisher:
         headers = letter.headers() + truncation
         if source.line is not None:
             headers.append((H_SOURCE_LINE, str(source.line).encode()))
-        return OutRecord(self._settings.dlq_topic, None, value, tuple(headers))
+        return OutRecord(self._dlq_topic_of(rejection.raw), None, value, tuple(headers))
+
+    def _dlq_topic_of(self, raw: bytes) -> str:
+        """A reject goes to its cluster's regional DLQ when its cluster id can still be read."""
+        if len(self._topics) == 1:
+            return self._settings.dlq_topic
+        try:
+            cluster_id = _cluster_only.decode(raw).cluster_id
+        except (msgspec.DecodeError, UnicodeDecodeError):
+            cluster_id = None
+        region = self._topology.region_of(cluster_id) if isinstance(cluster_id, str) else None
+        return self._topics[region][1]
 
     def _record(self, item: _Outgoing) -> OutRecord:
         decision = item.decision
@@ -268,9 +298,10 @@ class PlanPublisher:
         if decision.envelope.trace_id:
             headers.append((H_TRACE_ID, decision.envelope.trace_id.encode()))
         if item.trace is not None:  # the publish span's context travels to the consumer
-            parent = self._publish_spans.start(item.trace, self._settings.topic, decision.key)
+            parent = self._publish_spans.start(item.trace, self._topics[decision.region][0], decision.key)
             headers.append((tracing.TRACEPARENT, parent.encode()))
-        return OutRecord(self._settings.topic, decision.key, item.raw, tuple(headers))
+        topic = self._topics[decision.region][0]
+        return OutRecord(topic, decision.key, item.raw, tuple(headers))
 
     def _send_loop(self) -> None:
         while True:
@@ -287,14 +318,13 @@ class PlanPublisher:
                 logger.exception("could not hand %d envelope(s) to the producer", len(batch))
 
     def _on_delivered(self, records: Sequence[OutRecord]) -> None:
-        main, dlq = self._settings.topic, self._settings.dlq_topic
         published: collections.Counter[str] = collections.Counter()
         dead: collections.Counter[str] = collections.Counter()
         for record in records:
             headers = header_map(record.headers)
-            if record.topic == dlq:
+            if record.topic in self._dlq_topics:
                 dead[headers.get(H_REASON, "unknown")] += 1
-            elif record.topic == main and record.key is not None:
+            elif record.topic in self._main_topics and record.key is not None:
                 priority, _ = parse_message_key(record.key)
                 published[label(headers.get(H_ROUTE, "unknown"), priority)] += 1
                 if (parent := headers.get(tracing.TRACEPARENT)) is not None:

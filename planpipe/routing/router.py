@@ -1,8 +1,9 @@
 """Routing rules, deterministic sampling, Kafka keys and the bounded event queue.
 
 Pure library code: no Kafka I/O. Every decision is a function of the envelope,
-the `RoutingConfig` and the current regression-candidate set, so replaying the
-same capture gives the same route, priority, key and sampling outcome (the
+the `RoutingConfig`, the cluster topology and the current regression-candidate
+and baseline-latency snapshots, so replaying the same capture against the same
+snapshots gives the same route, priority, key, topic and sampling outcome (the
 routing guide's precondition for incident reconstruction).
 """
 
@@ -32,6 +33,9 @@ from planpipe.routing import metrics
 logger = logging.getLogger("planpipe.router")
 
 DEFAULT_QUEUE_CAPACITY: Final = 10_000
+# Routing guide, "latency multipliers against historical baselines": a plan slower than k x its
+# query's baseline p95 is critical. k is not given there; 3 flags clear outliers, not noise.
+DEFAULT_LATENCY_MULTIPLIER: Final = 3.0
 
 # The guide names 7 days for critical and 30 for baseline; DDL gets its own
 # index but keeps the baseline retention.
@@ -58,9 +62,14 @@ class RoutingConfig:
     critical_rows: int = 1_000_000
     sample_rate_pct: int = 100
     queue_capacity: int = DEFAULT_QUEUE_CAPACITY
+    # None or 0: no latency-multiplier rule.
+    latency_multiplier: float | None = DEFAULT_LATENCY_MULTIPLIER
 
     def __post_init__(self) -> None:
         _check_rate(self.sample_rate_pct)
+        k = self.latency_multiplier
+        if k is not None and not (math.isfinite(k) and k >= 0):
+            raise ValueError(f"latency_multiplier must be finite and >= 0, got {k}")
         if not (math.isfinite(self.critical_time_ms) and self.critical_time_ms >= 0):
             raise ValueError(f"critical_time_ms must be finite and >= 0, got {self.critical_time_ms}")
         if self.critical_rows < 0:
@@ -72,16 +81,32 @@ class RoutingConfig:
 DEFAULT_CONFIG: Final = RoutingConfig()
 
 
-def route_for(envelope: Envelope, config: RoutingConfig = DEFAULT_CONFIG) -> Route:
-    """The guide's precedence: explicit tag, then DDL, then critical thresholds, else baseline."""
+def route_for(
+    envelope: Envelope, config: RoutingConfig = DEFAULT_CONFIG, baseline_p95_ms: float | None = None
+) -> Route:
+    """The guide's precedence: explicit tag, then the latency multiplier against the query's
+    baseline p95 (when one is known), then DDL, then critical thresholds, else baseline."""
     if envelope.route_tag is not None:
         return envelope.route_tag
+    k = config.latency_multiplier
+    if k and baseline_p95_ms is not None and envelope.total_time_ms > k * baseline_p95_ms:
+        return "critical"
     if envelope.query_type is not None and envelope.query_type.casefold() == "ddl":
         return "ddl"
     # Strictly greater: a query at exactly the threshold is still baseline.
     if envelope.total_time_ms > config.critical_time_ms or envelope.actual_rows > config.critical_rows:
         return "critical"
     return "baseline"
+
+
+def ingest_route(envelope: Envelope, key_priority: str, config: RoutingConfig = DEFAULT_CONFIG) -> Route:
+    """The route the router chose, as the consumer can tell it: the static rules, and `critical`
+    when the key says the router made it critical on its own (the latency multiplier judged it
+    against baselines of that moment; no explicit priority or tag was given)."""
+    route = route_for(envelope, config)
+    if route != "critical" and key_priority == "critical" and envelope.priority is None and envelope.route_tag is None:
+        return "critical"
+    return route
 
 
 def is_sampled(query_hash: str, sample_rate_pct: int) -> bool:
@@ -139,6 +164,10 @@ class RoutingDecision:
     key: bytes
     # False: the sampler dropped it; the caller must not publish it.
     sampled: bool
+    # Data residency: the region of the envelope's cluster (None: no topology, or unmapped).
+    region: str | None = None
+    # The query's baseline p95 the latency multiplier compared against (None: none known).
+    baseline_p95_ms: float | None = None
 
     @property
     def query_hash(self) -> str:
@@ -167,6 +196,17 @@ def _no_regression_candidates() -> Container[str]:
     return frozenset()
 
 
+_NO_BASELINES: Final[Mapping[tuple[str, str], float]] = MappingProxyType({})
+
+
+def _no_baselines() -> Mapping[tuple[str, str], float]:
+    return _NO_BASELINES
+
+
+def _no_region(cluster_id: str) -> str | None:
+    return None
+
+
 def envelope_too_large(size: int, limit: int) -> ContractViolation:
     """An envelope larger than Kafka is configured to carry (`SizeLimits.max_envelope_bytes`).
 
@@ -184,8 +224,10 @@ def envelope_too_large(size: int, limit: int) -> ContractViolation:
 class Router:
     """Decode, validate, route, prioritise, key and sample one message at a time.
 
-    `regression_candidates` is called once per message, so it must be cheap:
-    return a set that is refreshed elsewhere, not a database query.
+    `regression_candidates` and `baselines` ({(cluster_id, query_hash): p95 ms}) are called
+    once per message, so they must be cheap: return a snapshot refreshed elsewhere (TTL
+    caches in `candidates`), not a database query. `region_of` maps a cluster id to its
+    region (`topology.Topology.region_of`).
     `max_envelope_bytes` (None: no check) bounds the raw envelope before it is
     decoded, so nothing reaches the producer that Kafka is not set up to carry.
     """
@@ -196,16 +238,21 @@ class Router:
         *,
         decoder: EnvelopeDecoder | None = None,
         regression_candidates: Callable[[], Container[str]] = _no_regression_candidates,
+        baselines: Callable[[], Mapping[tuple[str, str], float]] = _no_baselines,
+        region_of: Callable[[str], str | None] = _no_region,
         max_envelope_bytes: int | None = None,
     ) -> None:
         self.config = config if config is not None else DEFAULT_CONFIG
         self.decoder = decoder if decoder is not None else EnvelopeDecoder()
         self._regression_candidates = regression_candidates
+        self._baselines = baselines
+        self._region_of = region_of
         self.max_envelope_bytes = max_envelope_bytes
 
     def route_envelope(self, envelope: Envelope) -> RoutingDecision:
         """Route an already-decoded envelope (e.g. a corrected DLQ entry)."""
-        route = route_for(envelope, self.config)
+        p95 = self._baselines().get((envelope.cluster_id, envelope.query_hash))
+        route = route_for(envelope, self.config, p95)
         priority = priority_for(envelope, route, self._regression_candidates())
         sampled = is_sampled(envelope.query_hash, self.config.sample_rate_pct)
         if sampled:
@@ -218,6 +265,8 @@ class Router:
             priority=priority,
             key=message_key(priority, envelope.query_hash),
             sampled=sampled,
+            region=self._region_of(envelope.cluster_id),
+            baseline_p95_ms=p95,
         )
 
     def route_raw(self, raw: bytes) -> RoutingDecision | Rejection:

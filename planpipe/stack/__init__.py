@@ -10,6 +10,7 @@ from typing import Final
 
 from planpipe.db.migrate import migrate
 from planpipe.redact import mask_dsn
+from planpipe.routing.topology import load_topology, region_settings
 from planpipe.settings import Settings
 from planpipe.stack import kafka, postgres, redis
 from planpipe.stack.errors import StackError, make_dirs
@@ -65,6 +66,9 @@ def up(settings: Settings) -> StackReport:
         if kafka.start(settings):
             started_here.append(("Kafka", kafka.stop))
         topics = kafka.ensure_topics(settings)
+        # Data residency: each region's own topics (a regional process creates only its own, above).
+        for region in load_topology(settings).names if settings.region is None else ():
+            topics.update(kafka.ensure_topics(region_settings(settings, region)))
         if redis.start(settings):  # only when enabled (PLANPIPE_REDIS=1) and not external
             started_here.append(("Redis", redis.stop))
         prepare_dagster_home(settings)

@@ -32,6 +32,10 @@ class PlanpipeResource(dg.ConfigurableResource):  # type: ignore[type-arg]
 
     def settings(self) -> Settings:
         base = load_settings()
+        if base.region is not None:
+            # A regional code location (PLANPIPE_REGION): its topics and groups derive from the same
+            # environment; the fields would put the base topics back.
+            return base
         return replace(
             base,
             topic=self.topic or base.topic,

@@ -402,16 +402,17 @@ def _settle(
     per_slot = with_query.group_by("qk", "slot").agg(pl.col("n").sum()).sort("qk", "slot")
     first_slot = per_slot.group_by("qk").agg(pl.col("slot").min().alias("first_slot"))
     hours_slots = math.ceil(config.settling_hours * 3600 / scope.slot_s)
+    by_count = pl.col("slot").filter(pl.col("cum") >= config.settling_executions).min()
+    by_time = pl.col("first_slot").first() + hours_slots
     settle = (
         per_slot.join(first_slot, on="qk")
         .with_columns(pl.col("n").cum_sum().over("qk").alias("cum"))
-        .with_columns(
-            done=(pl.col("cum") >= config.settling_executions) | (pl.col("slot") >= pl.col("first_slot") + hours_slots)
-        )
         .group_by("qk")
         .agg(
-            pl.col("slot").filter("done").min().fill_null(pl.col("slot").max()).alias("settle_slot"),
-            pl.col("done").any().alias("settled"),
+            pl.min_horizontal(by_count.fill_null(by_time), by_time).alias("settle_slot"),
+            ((pl.col("cum").max() >= config.settling_executions) | (by_time < scope.slot_of(scope.end))).alias(
+                "settled"
+            ),
         )
     )
     in_period = (
@@ -597,6 +598,12 @@ def _judge(
             continue
         if scope.window_start is not None:
             new = new.filter(pl.col("execution_timestamp") >= scope.window_start)
+        last_new = new.get_column("execution_timestamp").max() if new.height else None
+        if (
+            last_new is not None
+            and (base.get_column("execution_timestamp") > last_new).sum() >= config.resolve_executions
+        ):
+            continue  # the query is back on its baseline plan: the flip is over
         if new.height and base.height:
             test = mann_whitney_u(
                 base.get_column("total_time_ms").to_numpy(), new.get_column("total_time_ms").to_numpy()

@@ -336,11 +336,9 @@ def test_baseline_period_alone_has_no_findings(scenario: Scenario) -> None:
 def test_every_comparison_ends_as_its_scenario_says(scenario: Scenario) -> None:
     stats = scenario.result.stats
     assert stats.observations == 2 * RUNS * len(NAMES) and stats.plans == len(NAMES) + 2
-    assert stats.queries_recent == len(NAMES) and stats.queries_without_baseline == 0
-    # a and d flip plans, b, c and e keep theirs; b and c cannot pass the thresholds (screened
-    # out on the histograms), a, d and e are tested exactly, and e is noise.
-    assert (stats.comparisons, stats.too_few_executions, stats.screened_out, stats.tested, stats.noise) == (
-        5, 0, 2, 3, 1)  # fmt: skip
+    assert stats.queries == len(NAMES) and stats.queries_without_baseline == 0
+    # Two plan flips (a, d) and five plan series; the flips are tested exactly, no series has a change.
+    assert (stats.comparisons, stats.tested, stats.multi_plan_queries) == (7, 2, 0)
     assert {(f.query_hash, f.kind) for f in scenario.result.findings} == {
         (scenario.hashes["a_drop_index"], "plan_flip_regression"),
         (scenario.hashes["d_add_index"], "plan_flip_improvement"),
@@ -370,6 +368,14 @@ def test_a_dropped_index_flags_exactly_that_query(scenario: Scenario) -> None:
     assert (evidence["u"], evidence["p_value"]) == (expected.u, pytest.approx(expected.p_value, rel=1e-9))
     assert evidence["ratio_p50"] >= 1.5 and evidence["delta_p50_ms"] >= 10 and evidence["p_value"] < 0.01
     assert evidence["new_plan_status"] == "candidate"
+    # When it started: the new plan's first execution, as published.
+    assert finding.started_at == datetime.fromtimestamp(scenario.after["a_drop_index"][0].execution_timestamp, UTC)
+    # Work on both sides, read from the real plans: the seq scan reads the whole table.
+    assert evidence["new"]["work"]["blocks"] > 50 * evidence["baseline"]["work"]["blocks"]
+    # What to do: the index the baseline used, and a hint that forces the baseline plan, validated.
+    remedy = finding.remediation
+    assert [i["name"] for i in remedy["missing_indexes"]] == ["orders_customer_idx"]
+    assert remedy["hint"]["validated"] and "orders_customer_idx" in remedy["hint"]["text"]
     assert finding.severity == "critical" and finding.status == "open"  # p50 ratio ≥ 5
     assert plans_of(scenario.settings.pg_dsn, scenario.cluster, finding.query_hash) == [
         (base_fp, "accepted"),
@@ -411,13 +417,10 @@ def test_e_timing_noise_on_an_unchanged_plan_is_no_finding(scenario: Scenario) -
     q_e = scenario.hashes["e_noise"]
     assert len(plans_of(scenario.settings.pg_dsn, scenario.cluster, q_e)) == 1
     assert scenario.findings_of("e_noise") == []
-    # The medians moved past both thresholds; the Mann-Whitney test is what rules it out.
-    [verdict] = [v for v in scenario.analysis().verdicts if v.query_hash == q_e]
-    evidence = verdict.evidence
-    assert (verdict.kind, evidence.comparison) == ("noise", "same_plan")
-    assert evidence.ratio_p50 >= 1.5 and evidence.delta_p50_ms >= 10
-    assert verdict.reason.startswith("not significant")
-    assert evidence.test.p_value == pytest.approx(mann_whitney_u(*TIMINGS["e_noise"]).p_value, rel=1e-9)
+    # The medians moved past both thresholds, the distribution did not: either no change point
+    # splits the series, or the split fails the Mann-Whitney test.
+    verdicts = [v for v in scenario.analysis().verdicts if v.query_hash == q_e]
+    assert all(v.kind == "noise" and v.evidence.comparison == "same_plan" for v in verdicts)
 
 
 def run_cli(settings: Settings, *argv: str) -> int:
@@ -449,8 +452,12 @@ def test_lifecycle_statuses_acknowledgement_and_auto_resolution(
     # The CLI lists them and shows the history with the diff.
     assert run_cli(settings, "regressions", "--cluster", cluster, "--format", "json") == 0
     listed = json.loads(capsys.readouterr().out)
-    assert {(r["query_hash"], r["kind"]) for r in listed} == {(q_a, "plan_flip_regression"),
-                                                              (q_d, "plan_flip_improvement")}  # fmt: skip
+    assert {(r["query_hash"], r["kind"]) for r in listed} == {(q_a, "plan_flip_regression")}
+    # Improvements are closed as such when detected, with the change said the way people say it.
+    assert run_cli(settings, "regressions", "--cluster", cluster, "--status", "improvement") == 0
+    improvements = capsys.readouterr().out
+    assert "plan_flip_improvement" in improvements and "× faster" in improvements
+    assert first[q_d].status == "improvement"
     assert run_cli(settings, "plans", q_a, "--cluster", cluster) == 0
     shown = capsys.readouterr().out
     assert "accepted *" in shown and "candidate" in shown and "orders_customer_idx" in shown
@@ -514,10 +521,11 @@ def test_lifecycle_statuses_acknowledgement_and_auto_resolution(
     publish(settings, timed(back, lognormal(61, 0.05), scenario.now + timedelta(hours=20)))
     ingest(settings, expected=RUNS)
     final = scenario.detect(later)
-    assert final.findings == []
+    # Only D's faster plan (rejected by bob, the old plan is the baseline again) is still an improvement.
+    assert [(f.query_hash, f.status) for f in final.findings] == [(q_d, "improvement")]
     [resolved_a] = [r for r in final.resolved if r.query_hash == q_a]
     assert resolved_a.id == finding_a.id and resolved_a.resolved_by == "planpipe:detect"
-    assert "did not run" in (resolved_a.resolution or "")
+    assert "back on the baseline plan" in (resolved_a.resolution or "")
     assert scenario.open_candidates() == set()
     assert list_regressions(dsn, cluster_id=cluster, status="unresolved") == []
 

@@ -29,6 +29,7 @@ def command(name: str) -> Callable[[Handler], Handler]:
 # `handler` default is a Handler. Keeping them beside their stage keeps this file small.
 _STAGE_COMMANDS: tuple[str, ...] = (
     "planpipe.capture.cli",
+    "planpipe.agent.cli",
     "planpipe.routing.cli",
     "planpipe.ingest.cli",
     "planpipe.replay.cli",

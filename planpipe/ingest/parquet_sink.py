@@ -85,29 +85,39 @@ def write_batch(
     offset_ranges: Iterable[tuple[str, int, int, int]],
     ingested_at: datetime | None = None,
 ) -> list[WrittenFile]:
-    """Write the batch durably (fsync file and directory) before PostgreSQL commits it."""
+    """Write the batch durably (fsync file and directory) before PostgreSQL commits it.
+
+    One frame per file, built from that file's records and dropped once written: memory
+    holds one file's worth of columns rather than the whole batch twice (frame + groups).
+    """
     if len(observations) == 0:
         return []
-    frame = _frame(observations, ingested_at or datetime.now(UTC))
+    stamp = ingested_at or datetime.now(UTC)
     ranges = {(topic, partition): (first, last) for topic, partition, first, last in offset_ranges}
+    columns = observations.columns()
+    files: dict[tuple[str, str, str, int], list[int]] = {}
+    obs = observations
+    keys = zip(obs.route, _dates(obs), obs.kafka_topic, obs.kafka_partition, strict=True)
+    for index, key in enumerate(keys):
+        files.setdefault(key, []).append(index)
     written: list[WrittenFile] = []
     directories: dict[Path, None] = {}
-    for (route, date, topic, partition), part in frame.group_by(
-        ["route", "date", "kafka_topic", "kafka_partition"], maintain_order=True
-    ):
-        first, last = ranges[(str(topic), int(partition))]
+    for (route, date, topic, partition), indices in files.items():
+        first, last = ranges[(topic, partition)]
         directory = root / f"route={route}" / f"date={date}"
         directory.mkdir(parents=True, exist_ok=True)
-        target = directory / file_name(str(topic), int(partition), first, last)
+        target = directory / file_name(topic, partition, first, last)
         staging = target.with_suffix(".parquet.tmp")
-        part.drop(list(PARTITION_COLUMNS)).write_parquet(
+        one_file = len(files) == 1
+        part = columns if one_file else {name: [values[i] for i in indices] for name, values in columns.items()}
+        _frame(part, stamp).write_parquet(
             staging, compression="zstd", compression_level=HOT_ZSTD_LEVEL, statistics=True
         )
         with staging.open("rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(staging, target)
         directories[directory] = None
-        written.append(WrittenFile(target, part.height))
+        written.append(WrittenFile(target, len(indices)))
     # One fsync per directory, once its files are all renamed: the renames are durable
     # before the store commits the batch, as with one fsync per file.
     for directory in directories:
@@ -115,16 +125,20 @@ def write_batch(
     return written
 
 
-def _frame(observations: Observations, ingested_at: datetime) -> pl.DataFrame:
+def _dates(observations: Observations) -> list[str]:
+    """The hive `date` of each observation: the UTC date of its execution."""
+    seconds = pl.Series(observations.execution_timestamp, dtype=pl.Float64)
+    return pl.from_epoch(seconds, time_unit="s").dt.date().cast(pl.String).to_list()
+
+
+def _frame(columns: dict[str, list[object]], ingested_at: datetime) -> pl.DataFrame:
+    """The file's columns in SCHEMA order; route and date are the directory's, not stored."""
     # ingested_at is one value broadcast by polars: a list of datetimes cost ~5 µs per record to convert.
-    columns = observations.columns()
+    stored = {name: values for name, values in columns.items() if name not in PARTITION_COLUMNS}
     return (
-        pl.DataFrame(columns, schema={name: SCHEMA[name] for name in columns})
-        .with_columns(
-            pl.lit(ingested_at, dtype=SCHEMA["ingested_at"]).alias("ingested_at"),
-            pl.from_epoch(pl.col("execution_timestamp"), time_unit="s").dt.date().cast(pl.String).alias("date"),
-        )
-        .select([*SCHEMA, "date"])
+        pl.DataFrame(stored, schema={name: SCHEMA[name] for name in stored})
+        .with_columns(pl.lit(ingested_at, dtype=SCHEMA["ingested_at"]).alias("ingested_at"))
+        .select([name for name in SCHEMA if name not in PARTITION_COLUMNS])
     )
 
 
@@ -132,8 +146,8 @@ def check_writable(observations: Observations) -> None:
     """Build and encode the batch's Parquet in memory: raises what `write_batch` would, writes nothing."""
     if len(observations) == 0:
         return
-    frame = _frame(observations, datetime.now(UTC))
-    frame.drop(list(PARTITION_COLUMNS)).write_parquet(io.BytesIO(), compression="zstd", statistics=True)
+    _dates(observations)
+    _frame(observations.columns(), datetime.now(UTC)).write_parquet(io.BytesIO(), compression="zstd", statistics=True)
 
 
 def discard_uncommitted(root: Path, topic: str, partition: int, next_offset: int) -> list[Path]:

@@ -127,9 +127,9 @@ def _findings(conn: psycopg.Connection[tuple[object, ...]], since: datetime) -> 
 
 
 def _evaluate_sla_checks(instance: "dg.DagsterInstance") -> None:
-    from planpipe.defs.definitions import defs
-
     try:
+        from planpipe.defs.definitions import defs
+
         result = defs.resolve_job_def("sla_check_job").execute_in_process(instance=instance, raise_on_error=False)
     except Exception as error:  # the summary still reports whatever else ran
         print(f"planpipe demo: final SLA check run failed to start: {error}", file=sys.stderr)

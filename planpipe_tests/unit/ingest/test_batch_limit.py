@@ -1,6 +1,6 @@
 """Adaptive micro-batches: grow under a backlog, shrink back when caught up."""
 
-from planpipe.ingest.batch import next_batch_limit
+from planpipe.ingest.batch import BATCH_TARGET_BYTES, next_batch_limit
 
 
 def test_batches_grow_while_full_and_shrink_when_caught_up() -> None:
@@ -13,3 +13,13 @@ def test_batches_grow_while_full_and_shrink_when_caught_up() -> None:
     for _ in range(5):  # caught up: a trickle per wait
         limit = next_batch_limit(limit, 40, 500, 5000)
     assert limit == 500
+
+
+def test_batches_stay_within_the_byte_budget() -> None:
+    # 5 KB envelopes: the budget holds ~2,500 of them, whatever the count ceiling.
+    limit = 500
+    for _ in range(8):
+        limit = next_batch_limit(limit, limit, 500, 5000, received_bytes=limit * 5 * 1024)
+    assert limit == BATCH_TARGET_BYTES // (5 * 1024)
+    # Huge envelopes never push a batch below the configured size.
+    assert next_batch_limit(500, 500, 500, 5000, received_bytes=500 * 8 * 2**20) == 500

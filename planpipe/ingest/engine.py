@@ -304,7 +304,10 @@ class IngestEngine:
 
     def _consume(self) -> list[Message]:
         records = self._consumer.consume(num_messages=self._batch_limit, timeout=self.max_wait_s)
-        self._batch_limit = next_batch_limit(self._batch_limit, len(records), self.max_messages, self._batch_ceiling)
+        received_bytes = sum(len(r.value() or b"") for r in records)
+        self._batch_limit = next_batch_limit(
+            self._batch_limit, len(records), self.max_messages, self._batch_ceiling, received_bytes
+        )
         return records
 
     def _usable(self, record: Message) -> bool:

@@ -81,7 +81,7 @@ OBSERVATION_COLUMNS: Final[dict[str, pl.DataType | type[pl.DataType]]] = {
 # hash keeps its top 53 bits; a collision between two plans is detected and never merges verdicts.
 _LOW_BITS: Final = 2048
 _RECENT_BIT: Final = 1024  # histogram keys: 1 bit for "new side" + 10 bits for the bucket
-_SLOTS: Final = 1024  # time slots per plan over [first execution, now] (screening and settling)
+_SLOTS: Final = 64  # time slots per plan over [first execution, now] (screening and settling)
 assert latency.BUCKETS <= _RECENT_BIT
 _EDGE_SLACK: Final = 1e-9  # float rounding at bucket edges: widen brackets a hair
 _STREAMING_CHUNK_ROWS: Final = 20_000

@@ -162,8 +162,12 @@ class EnvelopeDecoder:
                     "plan_text",
                     f"{plan_bytes} bytes > limit {self.max_plan_bytes}",
                 )
-        _reject_duplicate_keys(raw)
-        _reject_nul_characters(envelope)
+        data = raw if isinstance(raw, bytes) else bytes(raw)
+        _reject_duplicate_keys(data)
+        # JSON strings cannot hold a raw U+0000 (msgspec refuses it): a NUL in a field, or a
+        # `\\u0000` escape in the plan JSON, needs the escape text in the payload.
+        if b"\\u0000" in data:
+            _reject_nul_characters(envelope)
         if not envelope.plan_text.strip():
             raise ContractViolation(Reason.OUT_OF_RANGE, "plan_text", "plan_text is empty")
         if not (math.isfinite(envelope.total_time_ms) and math.isfinite(envelope.execution_timestamp)):
@@ -200,7 +204,7 @@ def _reject_duplicate_keys(raw: bytes | bytearray | memoryview) -> None:
     Cheap exact screen first (`_members_fill_the_object`); only a payload it cannot clear
     (pretty-printed, escaped keys, or a real duplicate) pays for a full parse that sees every key.
     """
-    data = bytes(raw)
+    data = raw if isinstance(raw, bytes) else bytes(raw)
     if _members_fill_the_object(data):
         return
     seen: set[str] = set()

@@ -22,6 +22,7 @@ import fcntl
 import itertools
 import logging
 import os
+import signal
 import threading
 import time
 import uuid
@@ -65,6 +66,19 @@ class AgentBusy(StackError):
 
 class _Stopped(Exception):
     """Stop requested while a batch could be stored nowhere: its intent stays open, the log keeps it."""
+
+
+_FAULT_COUNTS: dict[str, int] = {}
+
+
+def _fault_point(name: str) -> None:
+    """Crash tests: PLANPIPE_FAULT_KILL_AT=<step>[:<n>] SIGKILLs the agent at the n-th pass. Never in production."""
+    step, _, nth = os.environ.get("PLANPIPE_FAULT_KILL_AT", "").partition(":")
+    if step != name:
+        return
+    _FAULT_COUNTS[name] = _FAULT_COUNTS.get(name, 0) + 1
+    if _FAULT_COUNTS[name] >= int(nth or "1"):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _setter(event: threading.Event) -> Callable[[float], None]:
@@ -262,7 +276,9 @@ class Agent:
                 if advance_cursor
                 else None
             )
+            _fault_point("agent_before_handoff")
             destination = self._handoff(routed.records)
+            _fault_point("agent_before_commit")
         finally:
             self._end_send(token)
         cursor = self.source.cursor() if advance_cursor and self.source is not None else None
@@ -424,6 +440,7 @@ class Agent:
         token = self._begin_send()
         try:
             self.publisher.send_durable(records)
+            _fault_point("drain_before_delete")
         finally:
             self._end_send(token)
 

@@ -1,0 +1,175 @@
+"""Helpers for the agent tests: an agent as a real subprocess, log writing, reading capture ids back."""
+
+import collections
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from planpipe.agent.ledger import H_CAPTURE_ID
+from planpipe.capture.autoexplain import LogFormat
+from planpipe.settings import REPO_ROOT, Settings
+from planpipe.stack import redis as redis_stack
+from planpipe_tests.integration.routing.kafka_read import read_all
+from planpipe_tests.unit.capture.logfmt import plan_entry
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def write_plans(log: Path, indexes: range) -> None:
+    with log.open("ab") as handle:
+        handle.write(b"".join(plan_entry(LogFormat.JSONLOG, i) for i in indexes))
+
+
+def capture_ids(settings: Settings, topic: str | None = None) -> collections.Counter[str]:
+    return collections.Counter(r.headers.get(H_CAPTURE_ID, "") for r in read_all(settings, topic or settings.topic))
+
+
+def environment(settings: Settings, **extra: str) -> dict[str, str]:
+    env = {
+        **os.environ,
+        "PLANPIPE_HOME": str(settings.home),
+        "PLANPIPE_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+        "PLANPIPE_PG_DSN": settings.pg_dsn,
+        "PLANPIPE_TOPIC": settings.topic,
+        "PLANPIPE_DLQ_TOPIC": settings.dlq_topic,
+        "PLANPIPE_REDIS_URL": settings.redis_url,
+        "PLANPIPE_LOG_LEVEL": "WARNING",
+        **extra,
+    }
+    if not settings.redis_url:
+        env.pop("PLANPIPE_REDIS_URL")
+    env.pop("PLANPIPE_FAULT_KILL_AT", None)
+    env.update(extra)
+    return env
+
+
+@dataclass
+class AgentProcess:
+    """`planpipe agent` in a subprocess on one log, one state directory, one HTTP port."""
+
+    settings: Settings
+    log: Path
+    state_dir: Path
+    name: str
+    args: list[str] = field(default_factory=list)
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+    stderr: list[str] = field(default_factory=list)
+
+    def start(self, **env: str) -> "AgentProcess":
+        command = [sys.executable, "-m", "planpipe.cli", "agent", "--log", str(self.log), "--cluster-id", "test",
+                   "--name", self.name, "--state-dir", str(self.state_dir), "--http-port", str(self.port),
+                   "--poll-interval", "0.05", *self.args]  # fmt: skip
+        self.process = subprocess.Popen(
+            command, env=environment(self.settings, **env), cwd=REPO_ROOT, stderr=subprocess.PIPE
+        )
+        return self
+
+    def health(self) -> dict[str, Any] | None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as response:
+                body: dict[str, Any] = json.loads(response.read())
+                return body
+        except urllib.error.HTTPError as error:
+            body = json.loads(error.read())
+            return body
+        except OSError:
+            return None
+
+    def wait_until(self, predicate: Any, timeout_s: float = 60.0, what: str = "") -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        last: dict[str, Any] | None = None
+        while time.monotonic() < deadline:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise AssertionError(f"agent exited with {self.process.returncode} waiting for {what}: {self.errors()}")
+            last = self.health()
+            if last is not None and predicate(last):
+                return last
+            time.sleep(0.1)
+        raise AssertionError(f"timed out waiting for {what}; last health: {last}; {self.errors()}")
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(30)
+        self.errors()
+
+    def wait_exit(self, timeout_s: float = 60.0) -> int:
+        assert self.process is not None
+        code = self.process.wait(timeout_s)
+        self.errors()
+        return code
+
+    def stop(self) -> int:
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.wait_exit()
+
+    def errors(self) -> str:
+        if self.process is not None and self.process.poll() is not None and self.process.stderr is not None:
+            self.stderr.append(self.process.stderr.read().decode(errors="replace"))
+            self.process.stderr.close()
+            self.process.stderr = None
+        return "\n".join(self.stderr)[-4000:]
+
+
+def captured(health: dict[str, Any], topic: str) -> int:
+    counts: dict[str, dict[str, int]] = health.get("counts") or {}
+    return counts.get(topic, {}).get("captured", 0)
+
+
+@pytest.fixture
+def agent_factory(settings: Settings, tmp_path: Path) -> Iterator[Any]:
+    started: list[AgentProcess] = []
+
+    def make(name: str = "agent", log: Path | None = None, args: list[str] | None = None, **kw: Any) -> AgentProcess:
+        agent = AgentProcess(
+            kw.pop("settings", settings), log or tmp_path / "postgresql.json", tmp_path / "state", name, args or []
+        )
+        started.append(agent)
+        return agent
+
+    yield make
+    for agent in started:
+        if agent.process is not None and agent.process.poll() is None:
+            agent.process.kill()
+            agent.process.wait(30)
+
+
+@pytest.fixture(scope="session")
+def redis_server(stack_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+    """A real redis-server of the tests' own (installed by scripts/install-redis.sh when missing)."""
+    if not shutil.which("redis-server"):
+        subprocess.run([str(redis_stack.INSTALL_SCRIPT)], check=True, stdin=subprocess.DEVNULL, timeout=600)
+    port = int(os.environ.get("PLANPIPE_REDIS_PORT") or free_port())
+    settings = replace(
+        stack_settings,
+        home=tmp_path_factory.mktemp("redis-home"),
+        redis_port=port,
+        redis_url=f"redis://127.0.0.1:{port}/0",
+        redis_external=False,
+    )
+    redis_stack.start(settings)
+    try:
+        yield settings
+    finally:
+        redis_stack.stop(settings)

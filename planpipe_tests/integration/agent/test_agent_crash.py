@@ -1,0 +1,82 @@
+"""`kill -9` of the agent on the real broker and PostgreSQL: every log entry on the topic exactly once.
+
+Deterministic kills at the two steps that matter (records handed over but not
+known durable; durable but the cursor not committed) and random kills while
+the log grows; then the captured counts the agent reports to PostgreSQL.
+"""
+
+import random
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from planpipe.settings import Settings
+from planpipe_tests.integration.agent.conftest import capture_ids, captured, write_plans
+
+TOTAL = 600
+
+
+def test_kill_9_at_any_moment_loses_nothing_and_publishes_nothing_twice(
+    settings: Settings, agent_factory: Any, tmp_path: Path
+) -> None:
+    log = tmp_path / "postgresql.json"
+    write_plans(log, range(0, 200))
+    agent = agent_factory("crash", log=log, args=["--batch-size", "40"])
+
+    # Durable in Kafka, cursor not committed: the restart must find the batch, not resend it.
+    agent.start(PLANPIPE_FAULT_KILL_AT="agent_before_commit:2")
+    assert agent.wait_exit() == -9
+    health = agent.start().wait_until(lambda h: h["status"] == "ok", what="recovery")
+    assert health["recovery"]["in_doubt"] == 40 and health["recovery"]["found_in_kafka"] == 40, health["recovery"]
+    agent.wait_until(lambda h: h["log_position"].endswith(f"@{log.stat().st_size}"), what="the log read")
+    agent.kill()
+
+    # Intent written, nothing handed over: the restart must publish the batch (once).
+    write_plans(log, range(200, 300))
+    agent.start(PLANPIPE_FAULT_KILL_AT="agent_before_handoff:2")
+    assert agent.wait_exit() == -9
+    health = agent.start().wait_until(lambda h: h["status"] == "ok", what="recovery")
+    assert health["recovery"]["in_doubt"] == 40 and health["recovery"]["found_in_kafka"] == 0, health["recovery"]
+    agent.kill()
+
+    # Random kills while PostgreSQL keeps logging.
+    writer_done = threading.Event()
+
+    def writer() -> None:
+        for start in range(300, TOTAL, 5):  # over ~8 s: the kills land while batches are in flight
+            write_plans(log, range(start, start + 5))
+            time.sleep(0.1)
+        writer_done.set()
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    rng = random.Random(12)
+    recoveries = []
+    for _ in range(6):  # a kill at a random moment, or at a random batch's most delicate step
+        fault = rng.choice(["", "agent_before_commit", "agent_before_handoff"])
+        agent.start(PLANPIPE_FAULT_KILL_AT=f"{fault}:{rng.randint(1, 3)}" if fault else "")
+        recoveries.append(agent.wait_until(lambda h: h["status"] == "ok", what="capturing")["recovery"])
+        time.sleep(rng.uniform(0.1, 1.2))
+        agent.kill()
+    thread.join()
+    agent.start()
+    recoveries.append(agent.wait_until(lambda h: h["status"] == "ok", what="capturing")["recovery"])
+    print("recoveries after random kills:", [{k: v for k, v in r.items() if v} for r in recoveries])
+
+    final = agent.wait_until(lambda h: captured(h, settings.topic) >= TOTAL, what=f"{TOTAL} captured")
+    assert agent.stop() == 0
+
+    ids = capture_ids(settings)
+    assert len(ids) == TOTAL, f"{TOTAL - len(ids)} entries missing from the topic"
+    doubled = {cid: n for cid, n in ids.items() if n > 1}
+    assert not doubled, f"published twice: {list(doubled)[:5]}"
+    assert captured(final, settings.topic) == TOTAL
+    with psycopg.connect(settings.pg_dsn) as conn:
+        row = conn.execute(
+            "SELECT sum(published), sum(dropped) FROM planpipe.capture_counts WHERE agent = %s AND topic = %s",
+            ("crash", settings.topic),
+        ).fetchone()
+    assert row == (TOTAL, 0)

@@ -200,7 +200,7 @@ def _regressions(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _plans(args: argparse.Namespace, settings: Settings) -> int:
-    from planpipe.plans.history import plan_history
+    from planpipe.plans.history import plan_history, statement_text
 
     history = plan_history(
         settings.pg_dsn,
@@ -219,7 +219,7 @@ def _plans(args: argparse.Namespace, settings: Settings) -> int:
         print(f"query {h.query_hash} on cluster {h.cluster_id}"
               f"{f' ({h.query_type})' if h.query_type else ''}")  # fmt: skip
         if h.query_text:
-            print(f"  {' '.join(h.query_text.split())[:160]}")
+            print(f"  {(statement_text(h.query_text) or '')[:160]}")
         print()
         rows = [
             [
@@ -237,12 +237,13 @@ def _plans(args: argparse.Namespace, settings: Settings) -> int:
             ]
             for p in h.plans
         ]
-        print(_table(("v", "plan", "status", "by", "at", "first seen", "last seen", "executions", "p50 ms",
-                      "p95 ms", "plan"), rows))  # fmt: skip
-        print("  (* = the baseline: the most recently accepted plan)")
+        print(_table(("v", "plan", "status", "by", "at", "first seen", "last seen", "executions", "≈p50 ms",
+                      "≈p95 ms", "plan"), rows))  # fmt: skip
+        print("  (* = the baseline: the most recently accepted plan; ≈ p50/p95 from log-scale histograms, within 5 %;")
+        print("   `planpipe regressions` shows exact ones)")
         starts = sorted({w.start for p in h.plans for w in p.windows})
         if starts:
-            print(f"\nlatency per {h.window_hours:g} h window: p50 ms (executions)")
+            print(f"\nlatency per {h.window_hours:g} h window: ≈p50 ms (executions)")
             by_plan = {p.plan_version: {w.start: w for w in p.windows} for p in h.plans}
             window_rows = []
             for start in starts:

@@ -51,6 +51,9 @@ class NodeChange(msgspec.Struct, frozen=True, kw_only=True):
     description: str
     baseline_path: str | None = None  # where a changed node was in the baseline
     details: tuple[str, ...] = ()  # field-level differences of a changed node
+    # The same positions as people read them: "Aggregate › Gather › Seq Scan on orders".
+    label_path: str = ""
+    baseline_label_path: str | None = None
 
 
 class PlanDiff(msgspec.Struct, kw_only=True):
@@ -87,9 +90,10 @@ class PlanDiff(msgspec.Struct, kw_only=True):
                 text = _code(change.after or "")
             else:
                 text = f"{_code(change.before or '')} → {_code(change.after or '')}"
-            where = _code(change.path)
-            if change.baseline_path is not None and change.baseline_path != change.path:
-                where = f"{_code(change.baseline_path)} → {where}"
+            where = change.label_path or change.path
+            if change.baseline_label_path is not None and change.baseline_path != change.path:
+                where = f"{change.baseline_label_path} → {where}"
+            where = _code(where)
             lines.append(f"- **{change.kind}** at {where}: {text}")
             lines.extend(f"  - {_code(detail)}" for detail in change.details)
         return "\n".join(lines)
@@ -339,6 +343,15 @@ def _path_key(path: str) -> tuple[int, ...]:
     return tuple(int(part) for part in path.split("."))
 
 
+def _label_path(tree: _Tree, index: int) -> str:
+    """The node's labels from the root down to it."""
+    labels = []
+    while index >= 0:
+        labels.append(node_label(tree.nodes[index]))
+        index = tree.parents[index]
+    return " › ".join(reversed(labels))
+
+
 def _placement(tree: _Tree, index: int) -> str:
     parent = tree.parents[index]
     return f"under {node_label(tree.nodes[parent])}" if parent >= 0 else "as the root"
@@ -359,6 +372,8 @@ def _changes(
                 kind="changed",
                 path=b.paths[j],
                 baseline_path=a.paths[i],
+                label_path=_label_path(b, j),
+                baseline_label_path=_label_path(a, i),
                 before=before,
                 after=after,
                 description=description,
@@ -377,6 +392,7 @@ def _changes(
                 NodeChange(
                     kind="removed",
                     path=a.paths[i],
+                    label_path=_label_path(a, i),
                     before=label,
                     after=None,
                     description=f"removed {label} {_placement(a, i).replace('under', 'from under')}",
@@ -393,6 +409,8 @@ def _changes(
                 kind="changed",
                 path=b.paths[match],
                 baseline_path=a.paths[i],
+                label_path=_label_path(b, match),
+                baseline_label_path=_label_path(a, i),
                 before=before,
                 after=after,
                 description=description,
@@ -405,6 +423,7 @@ def _changes(
             NodeChange(
                 kind="added",
                 path=b.paths[j],
+                label_path=_label_path(b, j),
                 before=None,
                 after=label,
                 description=f"added {label} {_placement(b, j)}",

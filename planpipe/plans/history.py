@@ -34,6 +34,7 @@ __all__ = [
     "plan_history",
     "resolve_fingerprint",
     "set_plan_status",
+    "statement_text",
 ]
 
 PlanStatus = Literal["accepted", "candidate", "rejected"]
@@ -129,10 +130,12 @@ class QueryPlans:
     def to_markdown(self) -> str:
         lines = [f"### `{self.query_hash}` on `{self.cluster_id}`"]
         if self.query_text:
-            lines += ["", f"`{' '.join(self.query_text.split())[:200]}`"]
+            lines += ["", f"`{(statement_text(self.query_text) or '')[:200]}`"]
         lines += [
             "",
-            "| v | plan | status | by | at | first seen | last seen | executions | p50 ms | p95 ms | plan |",
+            "p50/p95 from log-scale histograms: approximate, within 5 % (findings carry exact ones).",
+            "",
+            "| v | plan | status | by | at | first seen | last seen | executions | ≈p50 ms | ≈p95 ms | plan |",
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for p in self.plans:
@@ -151,6 +154,19 @@ class QueryPlans:
                     p.diff_markdown,
                 ]
         return "\n".join(lines)
+
+
+def statement_text(text: str | None) -> str | None:
+    """The statement with its constants as $n (as pg_stat_statements shows it): one text for
+    every execution of the query, not the constants of the one captured first."""
+    if text is None:
+        return None
+    try:
+        from pglast.parser import ParseError, normalize
+
+        return " ".join(normalize(text).split())
+    except (ParseError, ValueError):
+        return " ".join(text.split())
 
 
 def _plain(obj: Any) -> dict[str, Any]:

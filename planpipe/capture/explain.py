@@ -58,6 +58,7 @@ Envelope fields:
 """
 
 import contextlib
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -156,6 +157,44 @@ def _explain(conn: psycopg.Connection[Any], options: str, text: str) -> str:
     if row is None or not isinstance(row[0], str):
         raise PlanShapeError("EXPLAIN returned no plan")
     return row[0]
+
+
+_INDEX_NAME: Final = re.compile(r'"Index Name": ("(?:[^"\\]|\\.)*")')
+INDEX_METADATA_KEY: Final = "planpipe"
+
+
+def with_index_definitions(conn: psycopg.Connection[Any], plan_text: str) -> str:
+    """The plan with the definitions of the indexes it uses next to it (`"planpipe": {"indexes":
+    {name: CREATE INDEX ...}}` in the EXPLAIN entry): a regression's remediation can then say
+    how to recreate an index the new plan no longer has. Read from the target's catalog now,
+    while the index exists. The server's text is otherwise kept verbatim (one key spliced in);
+    fingerprints and work never read that key. A catalog error leaves the plan as it was."""
+    names = sorted({msgspec.json.decode(m.group(1)) for m in _INDEX_NAME.finditer(plan_text)})
+    start = plan_text.find("{")
+    if not names or start < 0:
+        return plan_text
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SAVEPOINT planpipe_indexes")
+            rows = cur.execute(
+                """SELECT c.relname, pg_get_indexdef(c.oid) FROM pg_class c
+                   JOIN pg_index i ON i.indexrelid = c.oid
+                   WHERE c.relname = ANY(%s)
+                   ORDER BY c.relname, pg_table_is_visible(i.indrelid) DESC""",
+                (names,),
+            ).fetchall()
+            cur.execute("RELEASE SAVEPOINT planpipe_indexes")
+    except psycopg.Error:
+        with contextlib.suppress(psycopg.Error):
+            conn.execute("ROLLBACK TO SAVEPOINT planpipe_indexes")
+        return plan_text
+    definitions: dict[str, str] = {}
+    for name, definition in rows:
+        definitions.setdefault(str(name), str(definition))  # the visible one first when names repeat
+    if not definitions:
+        return plan_text
+    spliced = msgspec.json.encode({"indexes": definitions}).decode()
+    return f'{plan_text[: start + 1]}"{INDEX_METADATA_KEY}": {spliced}, {plan_text[start + 1 :]}'
 
 
 @dataclass(frozen=True)
@@ -301,6 +340,7 @@ class ExplainCapturer:
             executed_at = time.time()
             options = "ANALYZE, BUFFERS, FORMAT JSON" if executed else "FORMAT JSON"
             plan_text = _explain(conn, options, statement.text)
+            plan_text = with_index_definitions(conn, plan_text)
         finally:
             self._rollback(conn)
         entry = first_entry(plan_text)

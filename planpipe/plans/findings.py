@@ -18,13 +18,14 @@ from pathlib import Path
 from typing import Any, Final, Literal
 
 import numpy as np
+import polars as pl
 import psycopg
 from psycopg.types.json import Jsonb
 
 from planpipe.plans.detection import Analysis, DetectionStats, SettledBaseline, find_regressions, scan_observations
 from planpipe.plans.diff import diff_plans
 from planpipe.plans.normalize import PlanParseError
-from planpipe.plans.remediation import remediation_for
+from planpipe.plans.remediation import captured_index_definitions, remediation_for
 from planpipe.plans.stats import ratio
 from planpipe.plans.verdicts import (
     FINDING_KINDS,
@@ -369,10 +370,7 @@ def detect_regressions(
             ).fetchall()
         )
         diffs = {id(v): _diff_markdown(v, texts) for v in found}
-        remedies = {
-            id(v): remediation_for(v.kind, texts.get(v.baseline_fingerprint), texts.get(v.new_fingerprint)).as_dict()
-            for v in found
-        }
+        remedies = {id(v): _remedy(v, texts, parquet_root) for v in found}
         with conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (FINDINGS_LOCK,))
             settled = _persist_settled(conn, analysis.settled)
@@ -397,6 +395,44 @@ def detect_regressions(
     elapsed = time.perf_counter() - started
     log.info("detection: %d findings, %d resolved in %.1fs", len(findings), len(resolved), elapsed)
     return DetectionResult(moment, config, findings, resolved, analysis.stats, elapsed, settled)
+
+
+def _remedy(verdict: Verdict, texts: Mapping[str, str], parquet_root: Path) -> dict[str, Any]:
+    """Remediation from the catalog's plan texts; an index definition the catalog's sample lacks
+    (sampled before capture recorded definitions) is read from the baseline plan's last captured
+    text, in the one date partition of its last execution."""
+    remedy = remediation_for(verdict.kind, texts.get(verdict.baseline_fingerprint), texts.get(verdict.new_fingerprint))
+    if not any(index.get("definition") is None for index in remedy.missing_indexes):
+        return remedy.as_dict()
+    latest = _latest_plan_text(parquet_root, verdict, verdict.evidence.baseline_end)
+    if latest is None:
+        return remedy.as_dict()
+    definitions = captured_index_definitions(latest)
+    return remediation_for(
+        verdict.kind, texts.get(verdict.baseline_fingerprint), texts.get(verdict.new_fingerprint), definitions
+    ).as_dict()
+
+
+def _latest_plan_text(parquet_root: Path, verdict: Verdict, when: datetime) -> str | None:
+    files = list(parquet_root.glob(f"route=*/date={when.astimezone(UTC).date().isoformat()}/*.parquet"))
+    if not files:
+        return None
+    try:
+        rows = (
+            pl.scan_parquet(files, missing_columns="insert", extra_columns="ignore",
+                            schema={"cluster_id": pl.String, "query_hash": pl.String, "fingerprint": pl.String,
+                                    "execution_timestamp": pl.Float64, "plan_text": pl.String})
+            .filter(pl.col("cluster_id") == verdict.cluster_id, pl.col("query_hash") == verdict.query_hash,
+                    pl.col("fingerprint") == verdict.baseline_fingerprint)
+            .sort("execution_timestamp", descending=True)
+            .head(1)
+            .select("plan_text")
+            .collect()
+        )  # fmt: skip
+    except (pl.exceptions.PolarsError, OSError) as error:
+        log.warning("detection: could not read the baseline plan text for its index definitions: %s", error)
+        return None
+    return str(rows.item()) if rows.height else None
 
 
 def _persist_settled(conn: psycopg.Connection[Any], settled: Sequence[SettledBaseline]) -> list[SettledBaseline]:

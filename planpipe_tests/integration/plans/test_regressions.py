@@ -375,6 +375,8 @@ def test_a_dropped_index_flags_exactly_that_query(scenario: Scenario) -> None:
     # What to do: the index the baseline used, and a hint that forces the baseline plan, validated.
     remedy = finding.remediation
     assert [i["name"] for i in remedy["missing_indexes"]] == ["orders_customer_idx"]
+    # Its definition was read from the target's catalog at capture time, while it existed.
+    assert remedy["missing_indexes"][0]["definition"].startswith("CREATE INDEX orders_customer_idx ON ")
     assert remedy["hint"]["validated"] and "orders_customer_idx" in remedy["hint"]["text"]
     assert finding.severity == "critical" and finding.status == "open"  # p50 ratio ≥ 5
     assert plans_of(scenario.settings.pg_dsn, scenario.cluster, finding.query_hash) == [

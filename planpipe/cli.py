@@ -36,6 +36,7 @@ _STAGE_COMMANDS: tuple[str, ...] = (
     "planpipe.plans.cli",
     "planpipe.bench.cli",
     "planpipe.demo.cli",
+    "planpipe.loadtest.cli",
 )
 
 

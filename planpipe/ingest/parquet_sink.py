@@ -71,7 +71,7 @@ def parse_file_name(name: str) -> tuple[str, int, int, int] | None:
     return match["topic"], int(match["partition"]), int(match["first"]), int(match["last"])
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -121,7 +121,7 @@ def write_batch(
     # One fsync per directory, once its files are all renamed: the renames are durable
     # before the store commits the batch, as with one fsync per file.
     for directory in directories:
-        _fsync_dir(directory)
+        fsync_dir(directory)
     return written
 
 
@@ -171,10 +171,65 @@ def discard_uncommitted(root: Path, topic: str, partition: int, next_offset: int
     return removed
 
 
+@dataclass(frozen=True)
+class DataFile:
+    """One file of the dataset, with what its path says about it."""
+
+    path: Path
+    topic: str
+    partition: int
+    first: int
+    last: int
+
+    @property
+    def group(self) -> tuple[Path, str, int]:
+        """Files that may be merged together: same route/date directory, same topic partition."""
+        return self.path.parent, self.topic, self.partition
+
+
+def data_files(root: Path) -> list[DataFile]:
+    """Every committed-looking file of the dataset whose name carries its offset range."""
+    files: list[DataFile] = []
+    for path in root.glob("route=*/date=*/*.parquet"):
+        parsed = parse_file_name(path.name)
+        if parsed is not None:
+            files.append(DataFile(path, *parsed))
+    return files
+
+
+def superseded(files: Iterable[DataFile]) -> list[DataFile]:
+    """Files whose offsets another file of the same directory and partition covers whole.
+
+    Compaction leaves them for an instant (merged file renamed in, then sources unlinked),
+    and a fenced stale batch may rewrite a name compaction already merged: either way the
+    covering file holds the records, so readers skip these and compaction removes them.
+    """
+    by_group: dict[tuple[Path, str, int], list[DataFile]] = {}
+    for f in files:
+        by_group.setdefault(f.group, []).append(f)
+    covered: list[DataFile] = []
+    for group in by_group.values():
+        group.sort(key=lambda f: (f.first, -f.last))
+        reach = -1
+        for f in group:
+            if f.last <= reach:
+                covered.append(f)
+            reach = max(reach, f.last)
+    return covered
+
+
+def live_files(root: Path) -> list[Path]:
+    """The dataset's files a reader should read: each committed record exactly once."""
+    files = data_files(root)
+    hidden = {f.path for f in superseded(files)}
+    return sorted(f.path for f in files if f.path not in hidden)
+
+
 def scan(root: Path) -> pl.LazyFrame:
     """The whole dataset as a lazy frame (route and date come back from the directory names)."""
+    files = live_files(root) if root.exists() else []
     return pl.scan_parquet(
-        str(root / "route=*" / "date=*" / "*.parquet"),
+        [str(f) for f in files] if files else str(root / "route=*" / "date=*" / "*.parquet"),
         hive_partitioning=True,
         schema={k: v for k, v in SCHEMA.items() if k != "route"},
         hive_schema={"route": pl.String, "date": pl.String},

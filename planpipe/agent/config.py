@@ -41,6 +41,7 @@ class AgentConfig:
     spool_max_age_s: float = 300.0
     redis_ttl_s: float = 24 * 3600.0
     redis_max_entries: int = 200_000
+    mode_refresh_s: float = 15.0  # how often the fallback mode (planpipe.kafka_fallback_mode) is re-read
     snapshot_interval_s: float = 10.0
     report_interval_s: float = 30.0
 

@@ -124,7 +124,7 @@ class Agent:
             if settings.redis_url
             else None
         )
-        self.mode = FallbackModeReader(settings.pg_dsn, settings.kafka_bootstrap)
+        self.mode = FallbackModeReader(settings.pg_dsn, settings.kafka_bootstrap, ttl_s=config.mode_refresh_s)
         self.publisher: AgentPublisher | None = None
         self.watermarks: Watermarks | None = None
         self.source: LogSource | None = None
@@ -334,18 +334,18 @@ class Agent:
         return "kafka"
 
     def _spool_over_limit(self) -> bool:
-        checked_at, over = self._spool_over
-        if time.monotonic() - checked_at < _SPOOL_CHECK_S:
-            return over
+        """Rows from the spool's own count (exact, free); bytes and age from SQLite at most once a second."""
         assert self.publisher is not None
-        stats = self.publisher.producer.spool.stats()
-        config = self.config
-        over = (
-            stats.depth >= config.spool_max_rows
-            or stats.value_bytes >= config.spool_max_bytes
-            or (stats.oldest_age_s or 0.0) >= config.spool_max_age_s
-        )
-        self._spool_over = (time.monotonic(), over)
+        spool = self.publisher.producer.spool
+        if spool.depth() >= self.config.spool_max_rows:
+            return True
+        checked_at, over = self._spool_over
+        if time.monotonic() - checked_at >= _SPOOL_CHECK_S:
+            stats = spool.stats()
+            over = stats.value_bytes >= self.config.spool_max_bytes or (
+                (stats.oldest_age_s or 0.0) >= self.config.spool_max_age_s
+            )
+            self._spool_over = (time.monotonic(), over)
         return over
 
     # -- what may be in doubt -------------------------------------------------------
@@ -410,7 +410,7 @@ class Agent:
             try:
                 if time.monotonic() >= next_expiry:
                     self._expire()
-                    next_expiry = time.monotonic() + 10.0
+                    next_expiry = time.monotonic() + min(10.0, self.redis.ttl_s / 2)
                 if self._redis_pending and self._may_drain():
                     moved = drainer.drain_once(self.stop)
                     server.REDIS_MOVED.inc(moved)

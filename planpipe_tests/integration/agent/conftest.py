@@ -20,9 +20,10 @@ import pytest
 from planpipe.agent.ledger import H_CAPTURE_ID
 from planpipe.capture.autoexplain import LogFormat
 from planpipe.settings import REPO_ROOT, Settings
+from planpipe.stack import kafka
 from planpipe.stack import redis as redis_stack
 from planpipe_tests.integration.routing.kafka_read import read_all
-from planpipe_tests.unit.capture.logfmt import plan_entry
+from planpipe_tests.unit.capture.logfmt import TS, jsonlog, plan_entry, plan_message
 
 
 def free_port() -> int:
@@ -32,9 +33,15 @@ def free_port() -> int:
         return port
 
 
-def write_plans(log: Path, indexes: range) -> None:
+def write_plans(log: Path, indexes: range, *, keys: int | None = None) -> None:
+    """Plan entries `q{i}`; with `keys`, entry i has query id 1000 + i % keys (repeated Kafka keys)."""
     with log.open("ab") as handle:
-        handle.write(b"".join(plan_entry(LogFormat.JSONLOG, i) for i in indexes))
+        for i in indexes:
+            if keys is None:
+                handle.write(plan_entry(LogFormat.JSONLOG, i))
+            else:
+                message = plan_message(f"SELECT * FROM t WHERE note = 'q{i}'")
+                handle.write(jsonlog(message, ts=TS + i, query_id=1000 + i % keys))
 
 
 def capture_ids(settings: Settings, topic: str | None = None) -> collections.Counter[str]:
@@ -71,16 +78,20 @@ class AgentProcess:
     args: list[str] = field(default_factory=list)
     port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
-    stderr: list[str] = field(default_factory=list)
 
     def start(self, **env: str) -> "AgentProcess":
         command = [sys.executable, "-m", "planpipe.cli", "agent", "--log", str(self.log), "--cluster-id", "test",
                    "--name", self.name, "--state-dir", str(self.state_dir), "--http-port", str(self.port),
                    "--poll-interval", "0.05", *self.args]  # fmt: skip
-        self.process = subprocess.Popen(
-            command, env=environment(self.settings, **env), cwd=REPO_ROOT, stderr=subprocess.PIPE
-        )
+        with self.stderr_path.open("ab") as stderr:  # a file, not a pipe: a chatty agent never blocks on it
+            self.process = subprocess.Popen(
+                command, env=environment(self.settings, **env), cwd=REPO_ROOT, stderr=stderr
+            )
         return self
+
+    @property
+    def stderr_path(self) -> Path:
+        return self.state_dir.parent / f"{self.name}.stderr"
 
     def health(self) -> dict[str, Any] | None:
         try:
@@ -110,13 +121,10 @@ class AgentProcess:
         assert self.process is not None
         self.process.send_signal(signal.SIGKILL)
         self.process.wait(30)
-        self.errors()
 
     def wait_exit(self, timeout_s: float = 60.0) -> int:
         assert self.process is not None
-        code = self.process.wait(timeout_s)
-        self.errors()
-        return code
+        return self.process.wait(timeout_s)
 
     def stop(self) -> int:
         assert self.process is not None
@@ -125,11 +133,10 @@ class AgentProcess:
         return self.wait_exit()
 
     def errors(self) -> str:
-        if self.process is not None and self.process.poll() is not None and self.process.stderr is not None:
-            self.stderr.append(self.process.stderr.read().decode(errors="replace"))
-            self.process.stderr.close()
-            self.process.stderr = None
-        return "\n".join(self.stderr)[-4000:]
+        try:
+            return self.stderr_path.read_text(errors="replace")[-4000:]
+        except FileNotFoundError:
+            return ""
 
 
 def captured(health: dict[str, Any], topic: str) -> int:
@@ -173,3 +180,23 @@ def redis_server(stack_settings: Settings, tmp_path_factory: pytest.TempPathFact
         yield settings
     finally:
         redis_stack.stop(settings)
+
+
+@pytest.fixture(scope="module")
+def private_broker(stack_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+    """A broker of the module's own: the tests stop it (the session's broker stays up for the others)."""
+    if stack_settings.kafka_external:
+        pytest.skip("needs a local broker it may stop (PLANPIPE_KAFKA_BOOTSTRAP points elsewhere)")
+    port, controller = free_port(), free_port()
+    settings = replace(
+        stack_settings,
+        home=tmp_path_factory.mktemp("agent-kafka"),
+        kafka_port=port,
+        kafka_controller_port=controller,
+        kafka_bootstrap=f"127.0.0.1:{port}",
+    )
+    try:
+        kafka.start(settings)
+        yield settings
+    finally:
+        kafka.stop(settings)

@@ -14,7 +14,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final
+from typing import Final, TypedDict
 
 from planpipe.redact import mask_dsn, mask_kafka_config
 
@@ -166,7 +166,14 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     return apply_region(settings, env)
 
 
-def _redis(env: Mapping[str, str]) -> dict[str, str | bool | int]:
+class _RedisSettings(TypedDict):
+    redis_url: str
+    redis_external: bool
+    redis_port: int
+    redis_maxmemory: str
+
+
+def _redis(env: Mapping[str, str]) -> _RedisSettings:
     external = env.get("PLANPIPE_REDIS_URL", "").strip()
     port = _env_int(env, "PLANPIPE_REDIS_PORT", DEFAULT_REDIS_PORT)
     local = _env(env, "PLANPIPE_REDIS", "0").lower() in ("1", "true", "yes", "on")

@@ -32,9 +32,13 @@ def _sample_rate(text: str) -> int:
     return value
 
 
+# `--file -`: stdin, read line by line as it arrives (a pipe from `capture autoexplain --follow`).
+STDIN: Final = Path("/dev/stdin")
+
+
 def _publish(args: argparse.Namespace, settings: Settings) -> int:
-    path: Path = args.file
-    if not path.is_file():
+    path: Path = STDIN if str(args.file) == "-" else args.file
+    if path is not STDIN and not path.is_file():
         print(f"planpipe publish: no such file: {path}", file=sys.stderr)
         return 2
     if args.sample_rate is not None:
@@ -43,7 +47,7 @@ def _publish(args: argparse.Namespace, settings: Settings) -> int:
     if args.json:
         print(json.dumps(report.as_dict(), indent=2, sort_keys=True))
     else:
-        print(format_report(report, settings, source=str(path)))
+        print(format_report(report, settings, source="-" if path is STDIN else str(path)))
     # Still-spooled envelopes are safe on disk and go out with the next run or
     # `planpipe spool drain`; the summary says so, the exit code stays 0.
     # A record Kafka refused for good is lost to both topics: never a success.
@@ -108,7 +112,7 @@ def add_parsers(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> N
         description="Exit status: 0 all published, dead-lettered or spooled; 2 usage error; "
         f"{EXIT_UNDELIVERABLE} some record was refused by Kafka for good (undeliverable).",
     )
-    p.add_argument("--file", type=Path, required=True, help="one JSON envelope per line")
+    p.add_argument("--file", type=Path, required=True, help="one JSON envelope per line; - reads stdin as it arrives")
     p.add_argument(
         "--sample-rate", type=_sample_rate, default=None, help="percent kept (0..100); default from settings"
     )

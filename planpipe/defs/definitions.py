@@ -7,6 +7,7 @@ from planpipe.defs.health.checks import health_check_job, health_checks, health_
 from planpipe.defs.health.sensors import broker_health_sensor
 from planpipe.defs.ingest.assets import dlq_topic, ingest_micro_batches, query_plans_topic
 from planpipe.defs.ingest.checks import sla_checks
+from planpipe.defs.ingest.compaction import compaction_job, compaction_schedule, compaction_sensor
 from planpipe.defs.ingest.jobs import ingest_job
 from planpipe.defs.ingest.maintenance import (
     lag_reconciliation,
@@ -36,13 +37,14 @@ sla_check_job = dg.define_asset_job(
 ingest_defs = dg.Definitions(
     assets=[query_plans_topic, dlq_topic, ingest_micro_batches],
     asset_checks=[*sla_checks, lag_reconciliation],
-    jobs=[ingest_job, sla_check_job, retention_job, reconciliation_job],
-    sensors=[kafka_lag_sensor, planpipe_run_failure_sensor],
+    jobs=[ingest_job, sla_check_job, retention_job, reconciliation_job, compaction_job],
+    sensors=[kafka_lag_sensor, planpipe_run_failure_sensor, compaction_sensor],
     schedules=[
         dg.ScheduleDefinition(
             job=sla_check_job, cron_schedule="*/5 * * * *", default_status=dg.DefaultScheduleStatus.RUNNING
         ),
         *maintenance_schedules,
+        compaction_schedule,
     ],
 )
 

@@ -138,10 +138,12 @@ def compact(
     root: Path,
     committed: Mapping[tuple[str, int], int],
     *,
-    min_files: int = MIN_FILES,
+    min_files: int | None = None,
     target_bytes: int = TARGET_FILE_BYTES,
 ) -> CompactionReport:
-    """Remove superseded files, then merge each run of committed small files."""
+    """Remove superseded files, then merge each run of `min_files` (default MIN_FILES) or more
+    committed small files."""
+    min_files = MIN_FILES if min_files is None else min_files
     report = CompactionReport()
     if not root.exists():
         return report

@@ -431,8 +431,19 @@ def _settle(
             how="left",
         )
         .join(total, on="qk", how="left")
+        .join(
+            in_period.select("qk", pl.col("gk").alias("accepted_gk"), pl.col("n_settling").alias("accepted_n")),
+            on=["qk", "accepted_gk"],
+            how="left",
+        )
         .with_columns(
-            base_gk=pl.when(pl.col("auto") & pl.col("settled") & pl.col("dominant_gk").is_not_null())
+            # Replaced only by a plan that ran more often than the first one: a tie keeps it.
+            base_gk=pl.when(
+                pl.col("auto")
+                & pl.col("settled")
+                & pl.col("dominant_gk").is_not_null()
+                & (pl.col("dominant_n") > pl.col("accepted_n").fill_null(0))
+            )
             .then(pl.col("dominant_gk"))
             .otherwise(pl.col("accepted_gk"))
         )

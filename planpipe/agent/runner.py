@@ -124,7 +124,9 @@ class Agent:
             if settings.redis_url
             else None
         )
+        # Read by the `mode` thread only: a slow or absent PostgreSQL never stalls the capture path.
         self.mode = FallbackModeReader(settings.pg_dsn, settings.kafka_bootstrap, ttl_s=config.mode_refresh_s)
+        self._mode = FallbackMode.KAFKA
         self.publisher: AgentPublisher | None = None
         self.watermarks: Watermarks | None = None
         self.source: LogSource | None = None
@@ -163,6 +165,7 @@ class Agent:
                 self._redis_pending = self.redis.pending() > 0
             if self.config.log is not None:
                 self.source = self._open_source(self.config.log)
+            self._mode = self.mode()
             self._start_threads()
             self.status, self.detail = "ok", ""
             self._capture_loop()
@@ -184,7 +187,7 @@ class Agent:
         )
 
     def _start_threads(self) -> None:
-        targets = [("maintenance", self._maintenance_loop)]
+        targets = [("maintenance", self._maintenance_loop), ("mode", self._mode_loop)]
         if self.redis is not None:
             targets.append(("redis-drain", self._drain_loop))
         if self.config.sample and self.config.dsn:
@@ -325,7 +328,7 @@ class Agent:
     def _destination(self) -> Destination:
         if self.redis is None:
             return "kafka"
-        if self._redis_pending or self.mode() is FallbackMode.REDIS:
+        if self._redis_pending or self._mode is FallbackMode.REDIS:
             return "redis"
         publisher = self.publisher
         assert publisher is not None
@@ -390,6 +393,11 @@ class Agent:
                 self._report_counts()
                 next_report = time.monotonic() + self.config.report_interval_s
 
+    def _mode_loop(self) -> None:
+        while not self.stop.is_set():
+            self._mode = self.mode()  # cached by the reader for mode_refresh_s
+            self.stop.wait(min(1.0, self.config.mode_refresh_s))
+
     def _report_counts(self) -> None:
         rows = self.state.counts(dirty_only=True)
         if not rows:
@@ -430,7 +438,7 @@ class Agent:
         publisher = self.publisher
         assert publisher is not None
         return (
-            self.mode() is not FallbackMode.REDIS
+            self._mode is not FallbackMode.REDIS
             and publisher.producer.breaker_state is BreakerState.CLOSED
             and publisher.producer.spool.depth() == 0
         )
@@ -510,7 +518,7 @@ class Agent:
             "status": status,
             "detail": self.detail,
             "writes_to": "redis" if self._redis_pending else "kafka",
-            "fallback_mode": self.mode.record.mode.value,
+            "fallback_mode": self._mode.value,
             "breaker": None if stats is None else stats.breaker.value,
             "spool_depth": None if stats is None else stats.spool_depth,
             "redis_pending": self._redis_pending,

@@ -558,7 +558,7 @@ def _raw(scoped: pl.LazyFrame, wanted: pl.Series) -> dict[int, pl.DataFrame]:
             _group_key().alias("gk"),
             "execution_timestamp",
             "total_time_ms",
-            pl.when(shared.is_null() & temp.is_null())
+            pl.when(shared.is_null())  # without BUFFERS the plan reports no blocks at all
             .then(None)
             .otherwise(shared.fill_null(0) + temp.fill_null(0))
             .cast(pl.Float64)

@@ -24,9 +24,12 @@ from planpipe.defs.quality.checks import (
     schema_drift_job,
     schema_drift_schedule,
 )
+from planpipe.defs.regions.definitions import regional_defs
 from planpipe.defs.replay.assets import dlq_replay, replay_job
 from planpipe.defs.replay.sensors import dlq_sensor
 from planpipe.defs.resources import planpipe_resource
+from planpipe.routing.topology import Topology, load_topology
+from planpipe.settings import load_settings
 
 sla_check_job = dg.define_asset_job(
     "sla_check_job",
@@ -71,9 +74,15 @@ health_defs = dg.Definitions(
     sensors=[broker_health_sensor],
 )
 
+# One topic asset, ingest job and lag sensor per region of PLANPIPE_TOPOLOGY_FILE (none without one,
+# and none in a regional code location, which works on its PLANPIPE_REGION only).
+_settings = load_settings()
+region_defs = regional_defs(load_topology(_settings) if _settings.region is None else Topology())
+
 defs = dg.Definitions.merge(
     ingest_defs,
     health_defs,
+    region_defs,
     plans_defs,
     replay_defs,
     quality_defs,

@@ -9,7 +9,11 @@ from dataclasses import replace
 
 import dagster as dg
 
+from planpipe.routing.topology import region_settings
 from planpipe.settings import Settings, load_settings
+
+# An ingest run tagged with a region (by its region's lag sensor) works on that region's topics.
+REGION_TAG = "planpipe/region"
 
 
 class PlanpipeResource(dg.ConfigurableResource):  # type: ignore[type-arg]
@@ -30,19 +34,21 @@ class PlanpipeResource(dg.ConfigurableResource):  # type: ignore[type-arg]
     # Lag > 0 and no committed batch for this long: the run is stuck (watchdog, check, sensor).
     ingest_stall_after_s: float = 60.0
 
-    def settings(self) -> Settings:
+    def settings(self, region: str | None = None) -> Settings:
+        """The code location's settings; with `region`, those of that region of the topology."""
         base = load_settings()
         if base.region is not None:
             # A regional code location (PLANPIPE_REGION): its topics and groups derive from the same
             # environment; the fields would put the base topics back.
             return base
-        return replace(
+        own = replace(
             base,
             topic=self.topic or base.topic,
             dlq_topic=self.dlq_topic or base.dlq_topic,
             consumer_group=self.consumer_group or base.consumer_group,
             replay_group=self.replay_group or base.replay_group,
         )
+        return own if region is None else region_settings(own, region)
 
 
 def _env_int(name: str, default: int) -> int:

@@ -11,7 +11,7 @@ import signal
 import dagster as dg
 
 from planpipe.defs.ingest.runtime import STANDING_TAG, GracefulStop, ProgressWatchdog, ingest_client_id
-from planpipe.defs.resources import PlanpipeResource
+from planpipe.defs.resources import REGION_TAG, PlanpipeResource
 from planpipe.ingest.engine import BatchReport, IngestEngine, RunSummary
 from planpipe.ingest.sla import Progress
 
@@ -82,7 +82,7 @@ def _batch_metadata(report: BatchReport) -> dict[str, dg.MetadataValue]:
 def ingest_micro_batches(
     context: dg.AssetExecutionContext, planpipe: PlanpipeResource
 ) -> tuple[dg.MaterializeResult[None], dg.MaterializeResult[None], dg.MaterializeResult[None]]:
-    settings = planpipe.settings()
+    settings = planpipe.settings(region=context.run.tags.get(REGION_TAG))  # a region's run: its topics
     client_id = ingest_client_id(context.run.run_id)
 
     def report_progress(progress: Progress) -> None:

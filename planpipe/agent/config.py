@@ -1,7 +1,7 @@
 """Agent configuration: a TOML file (`--config`, or `PLANPIPE_AGENT_CONFIG`) and flags; flags win.
 
 Keys are the flag names with underscores (`log`, `dsn`, `sample`,
-`sample_interval_s`, …); see `deploy/agent.example.toml`. Kafka, PostgreSQL
+`sample_interval_s`, …); see `deploy/agent/agent.example.toml`. Kafka, PostgreSQL
 and Redis come from the usual PLANPIPE_* environment (`Settings`).
 """
 

@@ -26,6 +26,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from planpipe.agent.state import Offsets
 from planpipe.kafka_config import consumer_config
+from planpipe.routing.topology import load_topology
 from planpipe.settings import Settings
 
 logger = logging.getLogger("planpipe.agent.ledger")
@@ -39,6 +40,14 @@ def capture_id(agent: str, dev: int, inode: int, offset: int) -> str:
 
 def agent_prefix(agent: str) -> bytes:
     return f"{agent}/".encode()
+
+
+def publish_topics(settings: Settings) -> tuple[str, ...]:
+    """Every topic the router may send to: the base pair and each region's (PLANPIPE_TOPOLOGY_FILE)."""
+    topics = [settings.topic, settings.dlq_topic]
+    for region in load_topology(settings).regions:
+        topics += [region.topic, region.dlq_topic]
+    return tuple(dict.fromkeys(topics))
 
 
 def _consumer(settings: Settings, agent: str) -> Consumer:
@@ -80,7 +89,7 @@ class Watermarks:
 
     def __init__(self, settings: Settings, agent: str, *, timeout_s: float = 5.0) -> None:
         self._settings = settings
-        self._topics = (settings.topic, settings.dlq_topic)
+        self._topics = publish_topics(settings)
         self._timeout_s = timeout_s
         self._consumer = _consumer(settings, agent)
         self._lock = threading.Lock()
@@ -126,7 +135,7 @@ def find_in_kafka(
     consumer = _consumer(settings, agent)
     found: dict[str, str] = {}
     try:
-        ends = end_offsets(consumer, (settings.topic, settings.dlq_topic), timeout_s)
+        ends = end_offsets(consumer, publish_topics(settings), timeout_s)
         assignment = []
         for topic, partitions in ends.items():
             for partition, end in partitions.items():

@@ -10,9 +10,11 @@ by Kafka or committed to the spool) before moving the log cursor.
 
 import collections
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
+from planpipe import tracing
 from planpipe.agent.ledger import H_CAPTURE_ID
 from planpipe.routing import metrics
 from planpipe.routing.publish import PlanPublisher, Source, _Outgoing, label
@@ -43,6 +45,7 @@ class AgentPublisher(PlanPublisher):
         rejected: collections.Counter[str] = collections.Counter()
         sampled_out = 0
         for item in items:
+            started_ns = time.time_ns()
             outcome = self._router.route_raw(item.raw)
             if isinstance(outcome, Rejection):
                 rejected[outcome.reason.value] += 1
@@ -52,7 +55,10 @@ class AgentPublisher(PlanPublisher):
                 continue
             else:
                 accepted[label(outcome.route, outcome.priority)] += 1
-                record = self._record(_Outgoing(outcome, item.raw))
+                trace = None  # as in submit_raw: a sampled traceparent gets its router span
+                if tracing.is_sampled_traceparent(outcome.envelope.trace_id):
+                    trace = tracing.router_span(outcome.envelope, started_ns, outcome.route, outcome.priority)
+                record = self._record(_Outgoing(outcome, item.raw, trace))
             records.append(replace(record, headers=(*record.headers, (H_CAPTURE_ID, item.capture_id.encode()))))
             per_topic[record.topic] += 1
         with self._counts_lock:

@@ -79,3 +79,10 @@ def test_streams_per_priority_keep_one_key_in_one_stream() -> None:
     assert stream_for(record, "plans.dlq") == "critical"
     assert stream_for(replace(record, topic="plans.dlq", key=None), "plans.dlq") == DLQ_STREAM
     assert capture_id("a", 1, 2, 3) == "a/1:2@3"
+
+
+def test_the_deployed_example_configuration_loads() -> None:
+    from planpipe.settings import REPO_ROOT
+
+    config = load_file(REPO_ROOT / "deploy" / "agent" / "agent.example.toml")
+    assert config.name == "orders" and config.sample and config.redis_ttl_s == 86400

@@ -47,6 +47,7 @@ def _print_json(payload: object) -> None:
 @command("up")
 def _up(args: argparse.Namespace, settings: Settings) -> int:
     from planpipe import stack
+    from planpipe.redact import mask_dsn
 
     report = stack.up(settings)
     if args.json:
@@ -57,6 +58,9 @@ def _up(args: argparse.Namespace, settings: Settings) -> int:
           f"{' (external)' if settings.kafka_external else ''}")  # fmt: skip
     print(f"  topics                  : {', '.join(f'{t} ({n} partitions)' for t, n in report.topics.items())}")
     print(f"  PostgreSQL DSN          : {report.pg_dsn}{' (external)' if settings.pg_external else ''}")
+    if settings.redis_url:
+        external = " (external)" if settings.redis_external else ""
+        print(f"  Redis (agents' queue)   : {mask_dsn(settings.redis_url)}{external}")
     print(f"  migrations applied now  : {report.migrations_applied or 'none (schema up to date)'}")
     print(f"  DAGSTER_HOME            : {report.dagster_home}")
     print(f"  data directory          : {report.data_dir}")
@@ -88,6 +92,10 @@ def _status(args: argparse.Namespace, settings: Settings) -> int:
         assert isinstance(kafka_state, dict) and isinstance(pg_state, dict)
         print(f"Kafka      {'up  ' if kafka_state['answering'] else 'down'}  {kafka_state['bootstrap_servers']}")
         print(f"PostgreSQL {'up  ' if pg_state['answering'] else 'down'}  {pg_state['dsn']}")
+        redis_state = report["redis"]
+        assert isinstance(redis_state, dict)
+        if redis_state["enabled"]:
+            print(f"Redis      {'up  ' if redis_state['answering'] else 'down'}  {redis_state['url']}")
         print(f"Dagster    home  {report['dagster_home']}")
         print(f"Data       dir   {report['data_dir']}")
     healthy = report["kafka"]["answering"] and report["postgres"]["answering"]  # type: ignore[index]

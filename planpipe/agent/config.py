@@ -65,5 +65,14 @@ def load_file(path: Path) -> AgentConfig:
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ValueError(f"{path}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    defaults = AgentConfig()
+    for key, value in raw.items():
+        default = getattr(defaults, key)
+        wanted: tuple[type, ...] = (
+            (bool,) if isinstance(default, bool) else (int,) if isinstance(default, int)
+            else (int, float) if isinstance(default, float) else (str,)
+        )  # fmt: skip
+        if not isinstance(value, wanted) or (isinstance(value, bool) and bool not in wanted):
+            raise ValueError(f"{path}: {key} must be {' or '.join(t.__name__ for t in wanted)}, got {value!r}")
     values: dict[str, Any] = {key: Path(value) if key in _PATHS else value for key, value in raw.items()}
     return AgentConfig(**values)

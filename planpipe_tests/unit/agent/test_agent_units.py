@@ -28,6 +28,9 @@ def test_config_file_and_flags(tmp_path: Path) -> None:
     path.write_text('lgo = "typo"\n')
     with pytest.raises(ValueError, match="unknown key"):
         load_file(path)
+    path.write_text('batch_size = "many"\n')
+    with pytest.raises(ValueError, match="batch_size must be int"):
+        load_file(path)
     with pytest.raises(ValueError):
         AgentConfig(spool_max_rows=0)
 

@@ -3,6 +3,7 @@
 Kept apart from the consumer loop so it can be unit-tested and benchmarked alone.
 """
 
+import ctypes
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Protocol
@@ -173,6 +174,27 @@ BATCH_GROWTH: Final = 10
 # ... and to about this many bytes of envelopes: a batch's memory (records, decoded plans,
 # Parquet frames) grows with its bytes; 5,000 envelopes of 5 KB peaked near 500 MB RSS.
 BATCH_TARGET_BYTES: Final = 12 * 1024 * 1024
+
+
+# librdkafka's prefetch queue of the ingest consumer (its default, 64 MiB, plus the fetch
+# responses in flight, was the largest part of peak RSS); PLANPIPE_CONSUMER__* still wins.
+PREFETCH_KBYTES: Final = 16 * 1024
+
+_libc: ctypes.CDLL | None = None
+
+
+def trim_heap() -> None:
+    """Give the freed memory of a batch back to the OS (glibc keeps it otherwise: a batch's
+    decoded plans and frames are freed in fragments, and RSS only ever grew)."""
+    global _libc
+    if _libc is None:
+        try:
+            _libc = ctypes.CDLL("libc.so.6")
+        except OSError:  # not glibc: nothing to trim
+            return
+    trim = getattr(_libc, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
 
 
 def next_batch_limit(limit: int, received: int, floor: int, ceiling: int, received_bytes: int = 0) -> int:

@@ -40,7 +40,14 @@ from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, KafkaException
 from planpipe import tracing
 from planpipe.contract import EnvelopeDecoder, Reason
 from planpipe.ingest import baseline_sink, faults, isolate, metrics, parquet_sink, sinks
-from planpipe.ingest.batch import BATCH_GROWTH, PreparedBatch, next_batch_limit, prepare_batch
+from planpipe.ingest.batch import (
+    BATCH_GROWTH,
+    PREFETCH_KBYTES,
+    PreparedBatch,
+    next_batch_limit,
+    prepare_batch,
+    trim_heap,
+)
 from planpipe.ingest.breaker import LatencyBreaker, LockWaitThrottle
 from planpipe.ingest.sinks import Abandoned
 from planpipe.kafka_config import consumer_config
@@ -169,7 +176,8 @@ class IngestEngine:
         self._consumer_retries = 0
         self._last_uncached_lag = 0.0
         self._sinks = sinks.BatchSinks(settings, self._stop, self.throttle, self._warn, client_id)
-        conf = consumer_config(settings, settings.consumer_group, **{"client.id": client_id})
+        extra: dict[str, str | int | bool] = {"client.id": client_id, "queued.max.messages.kbytes": PREFETCH_KBYTES}
+        conf = consumer_config(settings, settings.consumer_group, **extra)
         # A member that died keeps its partitions until its session times out; only
         # after that (plus a rebalance) may "no assignment" mean "nothing for us".
         self._assignment_grace_s = float(str(conf["session.timeout.ms"])) / 1000 + 15
@@ -477,6 +485,7 @@ class IngestEngine:
         self._remember(new_plans)
         self._commit_kafka(batch, positions)
         _fault_point("after_kafka_commit")
+        trim_heap()  # the batch's memory goes back to the OS before the next consume
         times = tracing.BatchTimes(batch_started, decoded_at, parquet_started, parquet_done, commit_started,
                                    result.committed_at)  # fmt: skip
         self._trace(records, batch, result.batch_id, times)

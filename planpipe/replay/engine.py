@@ -282,13 +282,23 @@ class ReplaySummary:
         per_reason[outcome] = per_reason.get(outcome, 0) + 1
 
 
-class _DeliveryErrors:
+class _Deliveries:
+    """Delivery reports of one transaction: errors, and the partitions written (each gets a
+    transaction marker, which takes an offset no consumer sees)."""
+
     def __init__(self) -> None:
         self.errors: list[str] = []
+        self.partitions: set[int] = set()
+        self.records = 0
 
     def __call__(self, error: KafkaError | None, message: Message) -> None:
         if error is not None:
             self.errors.append(f"{message.topic()}[{message.partition()}]: {error}")
+        else:
+            partition = message.partition()
+            if partition is not None:
+                self.partitions.add(partition)
+            self.records += 1
 
 
 def transactional_id(settings: Settings) -> str:
@@ -440,17 +450,20 @@ class ReplayEngine:
         offsets = [TopicPartition(t, p, o) for (t, p), o in next_offsets.items()]
 
         self._producer.begin_transaction()
+        written = _Deliveries()
+        recorded: int | None = None
         try:
-            self._produce([d for d in decisions if isinstance(d, Republish)])
+            self._produce([d for d in decisions if isinstance(d, Republish)], written)
             _fault_point("replay_after_produce")
             self._producer.send_offsets_to_transaction(
                 offsets, self._consumer.consumer_group_metadata(), _KAFKA_TIMEOUT_S
             )
-            self._record(decisions)
+            recorded = self._record(decisions, written)
             _fault_point("replay_before_commit")
             self._commit()
         except BaseException:
             self._abort()
+            self._note_aborted(written, recorded)
             raise
         summary.transactions += 1
         for decision in decisions:
@@ -512,10 +525,9 @@ class ReplayEngine:
             out.append(decision)
         return out
 
-    def _produce(self, republish: list[Republish]) -> None:
+    def _produce(self, republish: list[Republish], delivery: _Deliveries) -> None:
         if not republish:
             return
-        delivery = _DeliveryErrors()
         now = time.time()
         for decision in republish:
             headers: list[tuple[str, str | bytes | None]] = [*republish_headers(decision, now)]
@@ -528,7 +540,9 @@ class ReplayEngine:
         if remaining or delivery.errors:
             raise KafkaException(f"republish failed ({remaining} unsent): {delivery.errors[:3]}")
 
-    def _record(self, decisions: list[Decision]) -> None:
+    def _record(self, decisions: list[Decision], written: _Deliveries) -> int | None:
+        """Decisions and the transaction's footprint on the topic, in one PostgreSQL transaction;
+        returns the replay_transactions row (None when nothing was written to the topic)."""
         parked, replays = [], []
         group = self.settings.replay_group
         for d in decisions:
@@ -569,6 +583,35 @@ class ReplayEngine:
                        ON CONFLICT DO NOTHING""",
                     replays,
                 )
+            if not written.partitions:
+                return None
+            row = cur.execute(
+                """INSERT INTO planpipe.replay_transactions (replay_group, target_topic, partitions, records)
+                   VALUES (%s, %s, %s, %s) RETURNING id""",
+                (group, self.settings.topic, sorted(written.partitions), written.records),
+            ).fetchone()
+            return int(row[0]) if row else None
+
+    def _note_aborted(self, written: _Deliveries, recorded: int | None) -> None:
+        """Aborted records and their abort markers still take offsets on the topic: say so, for
+        reconciliation (best effort — the database may be what failed)."""
+        if not written.partitions:
+            return
+        try:
+            with self._conn.transaction():
+                if recorded is not None:
+                    self._conn.execute(
+                        "UPDATE planpipe.replay_transactions SET outcome = 'aborted' WHERE id = %s", (recorded,)
+                    )
+                else:
+                    self._conn.execute(
+                        """INSERT INTO planpipe.replay_transactions
+                               (replay_group, target_topic, partitions, records, outcome)
+                           VALUES (%s, %s, %s, %s, 'aborted')""",
+                        (self.settings.replay_group, self.settings.topic, sorted(written.partitions), written.records),
+                    )
+        except psycopg.Error as error:
+            logger.warning("could not record the aborted replay transaction: %s", error)
 
     def _commit(self) -> None:
         # librdkafka: a retriable commit error may be retried as is; anything else means abort.

@@ -13,6 +13,7 @@ from planpipe.defs.ingest.jobs import INGEST_ROLE_TAG, ingest_job
 from planpipe.defs.ingest.runtime import STANDING_TAG, ingest_client_id
 from planpipe.defs.resources import PlanpipeResource
 from planpipe.ingest.lag import LagUnavailable, PartitionLag, group_assignments, group_lag
+from planpipe.ingest.reconcile import record_lag_sample
 from planpipe.ingest.sla import Progress, ingest_progress
 from planpipe.settings import Settings
 
@@ -167,21 +168,7 @@ def kafka_lag_sensor(context: dg.SensorEvaluationContext, planpipe: PlanpipeReso
     except LagUnavailable as error:
         return dg.SensorResult(skip_reason=f"Kafka not answering: {error}")
     total = sum(p.lag for p in lags)
-    with psycopg.connect(settings.pg_dsn, autocommit=True, connect_timeout=5) as conn:
-        # One statement: every partition of a tick shares one sampled_at (reconciliation relies on it).
-        conn.execute(
-            """INSERT INTO planpipe.lag_samples (consumer_group, topic, partition, high_watermark, committed, lag)
-               SELECT %s, %s, * FROM unnest(%s::int[], %s::bigint[], %s::bigint[], %s::bigint[])
-               ON CONFLICT DO NOTHING""",
-            (
-                settings.consumer_group,
-                settings.topic,
-                [p.partition for p in lags],
-                [p.high for p in lags],
-                [p.committed if p.committed is not None else p.low for p in lags],
-                [p.lag for p in lags],
-            ),
-        )
+    record_lag_sample(settings.pg_dsn, settings.consumer_group, settings.topic, lags)
     launched = int(context.cursor or 0)
     stuck = stuck_runs(context.instance, settings, lags, planpipe.ingest_stall_after_s) if total else []
     replaced = replace_stuck_runs(context, stuck)

@@ -95,6 +95,12 @@ class Watermarks:
         self._lock = threading.Lock()
         self._ring: list[Snapshot] = []
 
+    def seed(self, offsets: Offsets) -> None:
+        """A floor older than anything this process produces (the last persisted `scan_from`; {}: from 0),
+        used until a snapshot taken before the producer started, or a later one, can be."""
+        with self._lock:
+            self._ring.insert(0, Snapshot(0.0, offsets))
+
     def take(self) -> bool:
         try:
             offsets = end_offsets(self._consumer, self._topics, self._timeout_s)

@@ -155,11 +155,15 @@ class Agent:
                 self.settings, self.name, self.state, redis_queue=self.redis, stop=self.stop, on_wait=self._waiting
             )
             self._count_recovery(self.recovery)
+            self.state.prune_skips(older_than_s=7 * 86400)  # entries of a log deleted since: never met again
             self._skips = self.state.skip_ids()
             # The first snapshot precedes everything this run produces (taken before the producer starts).
             self.watermarks = Watermarks(self.settings, self.name)
-            if self.watermarks.take():
-                self._persist_scan_from()
+            # If Kafka does not answer now, the first snapshot comes after records may have been
+            # produced: until one qualifies, the floor is the last persisted one (or offset 0).
+            self.watermarks.seed(self.state.scan_from() or {})
+            self.watermarks.take()
+            self._persist_scan_from()
             self.publisher = AgentPublisher(self.settings, cooldown_s=self.config.cooldown_s)
             if self.redis is not None:
                 self._redis_pending = self.redis.pending() > 0
@@ -517,7 +521,7 @@ class Agent:
             "cluster_id": self.cluster_id,
             "status": status,
             "detail": self.detail,
-            "writes_to": "redis" if self._redis_pending else "kafka",
+            "writes_to": "redis" if self._redis_pending or self._mode is FallbackMode.REDIS else "kafka",
             "fallback_mode": self._mode.value,
             "breaker": None if stats is None else stats.breaker.value,
             "spool_depth": None if stats is None else stats.spool_depth,

@@ -163,6 +163,10 @@ class AgentState:
 
         self._transaction(write)
 
+    def prune_skips(self, *, older_than_s: float) -> None:
+        cutoff = time.time() - older_than_s
+        self._transaction(lambda conn: conn.execute("DELETE FROM skip WHERE created_at < ?", (cutoff,)))
+
     def set_scan_from(self, scan_from: Offsets) -> None:
         self._transaction(lambda conn: self._set_meta(conn, _SCAN_FROM, msgspec.json.encode(scan_from)))
 

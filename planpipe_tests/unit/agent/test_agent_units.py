@@ -61,6 +61,8 @@ def test_scan_from_is_the_newest_snapshot_not_after_the_bound() -> None:
     assert marks.scan_from(25.0) == {"t": {0: 2}}
     assert marks.scan_from(5.0) == {"t": {0: 2}}  # older ones were forgotten: the oldest kept is the answer
     assert marks.scan_from(31.0) == {"t": {0: 3}}
+    marks.seed({"t": {0: 0}})  # before any snapshot of this process qualifies, the floor answers
+    assert marks.scan_from(29.0) == {"t": {0: 0}}
     marks.close()
 
 

@@ -109,7 +109,9 @@ def _finding_rows(findings: Sequence[Any]) -> list[list[object]]:
                 f.kind,
                 f.cluster_id,
                 f.query_hash,
-                f"{f.baseline_fingerprint[:12]} → {f.new_fingerprint[:12]}",
+                f"{len(f.evidence.get('queries', []))} queries"
+                if f.kind == "cluster_slowdown"
+                else f"{f.baseline_fingerprint[:12]} → {f.new_fingerprint[:12]}",
                 f"{base.get('p50_ms', '')} → {new.get('p50_ms', '')}",
                 f.speed if ratio is not None else "-",
                 f.started_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M") if f.started_at else "",

@@ -629,7 +629,8 @@ def _judge(
             index = int(np.searchsorted(part.get_column("execution_timestamp").to_numpy(), scope.window_start))
             split = "window"
         else:
-            change = find_change(np.log(np.maximum(timings, 1e-3)), config.min_executions)
+            log_ms = np.log(np.maximum(timings, 1e-3))
+            change = find_change(log_ms, config.min_executions, min_shift=0.5 * math.log(config.min_ratio))
             if change is None:
                 continue
             index, split = change.index, "change_point"

@@ -124,7 +124,9 @@ def _noise_variance(series: npt.NDArray[np.float64]) -> float:
     return max(sigma * sigma, 1e-12)
 
 
-def find_change(log_ms: npt.NDArray[np.float64], min_size: int, penalty: float = 3.0) -> ChangePoint | None:
+def find_change(
+    log_ms: npt.NDArray[np.float64], min_size: int, penalty: float = 3.0, min_shift: float = 0.2
+) -> ChangePoint | None:
     """The start of the series' current level, if its level changed.
 
     Binary segmentation (ruptures, l2 cost) on the log-latency series in execution
@@ -132,8 +134,9 @@ def find_change(log_ms: npt.NDArray[np.float64], min_size: int, penalty: float =
     noise alone rarely buys a breakpoint). Segments hold at least `min_size`
     executions. The current level is the last segment; it started at the last
     breakpoint whose later segments all sit on the same side of the earlier level:
-    a slowdown that came in two steps starts at the first step. The caller decides
-    with a test whether the change matters.
+    a slowdown that came in two steps starts at the first step. A current level within
+    `min_shift` (log units) of the first one is a return: it starts at the last
+    breakpoint. The caller decides with a test whether the change matters.
     """
     n = len(log_ms)
     if n < 2 * min_size:
@@ -161,7 +164,7 @@ def find_change(log_ms: npt.NDArray[np.float64], min_size: int, penalty: float =
     first, current = levels[0], levels[-1]
     direction = 1.0 if current > first else -1.0
     k = len(levels) - 1
-    while k > 1 and (levels[k - 1] - first) * direction > 0:
+    while k > 1 and abs(current - first) >= min_shift and (levels[k - 1] - first) * direction > 0:
         k -= 1
     index = head + starts[k] * block if starts[k] else 0
     return ChangePoint(index=index, breakpoints=tuple(head + s * block for s in ends))

@@ -94,6 +94,8 @@ def statements(s: str) -> dict[str, str]:
 @dataclass
 class World:
     settings: Settings
+    shots: dict[str, list[Envelope]]
+    now: datetime
     a: str  # the cluster where things change
     b: str  # the same queries, unchanged
     hashes: dict[str, str]
@@ -174,7 +176,7 @@ def world(stack_settings: Settings, tmp_path_factory: pytest.TempPathFactory) ->
         plans = {name: tuple(dict.fromkeys(fingerprint(e.plan_text) for e in shot[name])) for name in shot}
         change_at = {"join": after_at.timestamp(), "growth": after_at.timestamp()}
         result = detect_regressions(dsn, settings.parquet_dir, config=DetectionConfig(), now=now)
-        yield World(settings, a, b, hashes, plans, change_at, result)
+        yield World(settings, shot, now, a, b, hashes, plans, change_at, result)
 
 
 def test_join_method_change_is_a_plan_flip_from_its_first_execution(world: World) -> None:
@@ -246,3 +248,33 @@ def test_a_cluster_filter_resolves_nothing_and_findings_resolve_only_on_evidence
     assert only_b.resolved == [] and only_b.findings == []
     after = {f.id for f in list_regressions(dsn, cluster_id=world.a, status="unresolved")}
     assert after == before
+
+
+def test_findings_resolve_when_the_latency_is_back(world: World, capsys: pytest.CaptureFixture[str]) -> None:
+    """Runs last: the machine and the events query are fast again for resolve_executions executions."""
+    from planpipe.plans import cli as plans_cli
+    from planpipe_tests.integration.plans.test_regressions import run_cli
+
+    dsn, settings, config = world.settings.pg_dsn, world.settings, DetectionConfig()
+    open_ids = {f.kind: f.id for f in list_regressions(dsn, cluster_id=world.a, status="unresolved")}
+    assert {"same_plan_slower", "cluster_slowdown", "plan_flip_regression"} <= set(open_ids)
+    back_at = world.now + timedelta(minutes=5)
+    n = config.resolve_executions
+    again = [
+        *at(world.shots["growth_after"], chosen(30, 16, n), back_at, world.a),
+        *[e for i, name in enumerate(HOGGED) for e in at(world.shots[name], chosen(31 + i, 30, n), back_at, world.a)],
+    ]
+    publish(settings, again)
+    ingest(settings, expected=len(again))
+    later = back_at + timedelta(seconds=n * STEP_S + 60)
+    result = detect_regressions(dsn, settings.parquet_dir, config=config, now=later)
+    resolved = {r.kind: r for r in result.resolved if r.cluster_id == world.a}
+    assert set(resolved) == {"same_plan_slower", "cluster_slowdown"}
+    assert resolved["same_plan_slower"].id == open_ids["same_plan_slower"]
+    assert (resolved["same_plan_slower"].resolution or "").startswith("latency back")
+    assert "every affected query is back" in (resolved["cluster_slowdown"].resolution or "")
+    # The join still runs its nested loop: that finding stays open.
+    assert [f.kind for f in list_regressions(dsn, cluster_id=world.a, status="unresolved")] == ["plan_flip_regression"]
+    assert plans_cli is not None and run_cli(settings, "regressions", "--cluster", world.a, "--status", "all") == 0
+    shown = capsys.readouterr().out
+    assert "resolved" in shown and "× slower" in shown and "what to do" in shown

@@ -109,6 +109,10 @@ def test_change_point_finds_where_a_slowdown_started_and_ignores_noise() -> None
     steps = np.r_[rng.normal(0, 0.2, 100), rng.normal(0.6, 0.2, 100), rng.normal(1.2, 0.2, 100)]
     change = find_change(steps, min_size=20)
     assert change is not None and abs(change.index - 100) <= 5 and len(change.breakpoints) == 2
+    # Slow for a while, then back: the current level is the return, not the slowdown.
+    back = np.r_[rng.normal(0, 0.1, 100), rng.normal(1.3, 0.1, 60), rng.normal(0, 0.1, 40)]
+    change = find_change(back, min_size=20)
+    assert change is not None and abs(change.index - 160) <= 3
     # Too short to hold two segments of min_size.
     assert find_change(np.r_[np.zeros(10), np.ones(10)], min_size=20) is None
 

@@ -91,3 +91,11 @@ def test_the_deployed_example_configuration_loads() -> None:
 
     config = load_file(REPO_ROOT / "deploy" / "agent" / "agent.example.toml")
     assert config.name == "orders" and config.sample and config.redis_ttl_s == 86400
+
+
+def test_redis_settings_local_external_and_masked() -> None:
+    assert load_settings({}).redis_url == ""
+    local = load_settings({"PLANPIPE_REDIS": "1", "PLANPIPE_REDIS_PORT": "16400"})
+    assert (local.redis_url, local.redis_external) == ("redis://127.0.0.1:16400/0", False)
+    external = load_settings({"PLANPIPE_REDIS_URL": "redis://:S3cret@cache:6379/2"})
+    assert external.redis_external and "S3cret" not in repr(external)

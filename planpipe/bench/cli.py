@@ -60,6 +60,8 @@ def add_parsers(sub: "argparse._SubParsersAction[Any]") -> None:
                    help="IngestEngine micro-batch wait in seconds (default PLANPIPE_BATCH_MAX_WAIT_S, 1)")  # fmt: skip
     p.add_argument("--profile", type=Path, default=None, metavar="DIR",
                    help="also run planpipe's consumer once more under pyinstrument; reports go to DIR")  # fmt: skip
+    p.add_argument("--scaleout", type=int, default=2, metavar="N",
+                   help="consumers in one group for the scale-out phase (default 2; 0 skips it)")  # fmt: skip
     p.add_argument("--keep", action="store_true", help="keep the topics, rows and Parquet files for inspection")
     p.set_defaults(handler=_ingest)
 
@@ -79,6 +81,7 @@ def _ingest(args: argparse.Namespace, settings: Settings) -> int:
         batch_max_messages=args.batch_max_messages,
         batch_max_wait_s=args.batch_max_wait,
         profile_dir=args.profile,
+        scaleout=args.scaleout,
         keep=args.keep,
     )
     result = run_benchmark(settings, options)

@@ -6,6 +6,7 @@ import re
 import yaml
 from prometheus_client import CollectorRegistry
 
+from planpipe.agent import server  # noqa: F401 - registers the capture agent's metrics
 from planpipe.ingest import metrics as ingest_metrics
 from planpipe.routing import metrics as routing_metrics
 from planpipe.routing import producer  # noqa: F401 - registers the producer's metrics

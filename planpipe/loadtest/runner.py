@@ -127,10 +127,11 @@ def loadtest_settings(settings: Settings, run_id: str) -> Settings:
 
 def kind_of(number: int, low_share: float, critical_share: float) -> str:
     """ "low", "critical" or "standard": deterministic by number, the shares spread evenly."""
-    slot = (number * 7919) % 1000 / 1000
-    if slot < low_share:
+    slot = (number * 7919) % 1000  # in thousandths: exact shares, no float rounding at the edges
+    low = round(low_share * 1000)
+    if slot < low:
         return "low"
-    return "critical" if slot < low_share + critical_share else "standard"
+    return "critical" if slot < low + round(critical_share * 1000) else "standard"
 
 
 def envelope_id(run_id: str, number: int) -> str:

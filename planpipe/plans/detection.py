@@ -45,6 +45,7 @@ import numpy as np
 import numpy.typing as npt
 import polars as pl
 
+from planpipe.ingest.parquet_sink import live_files
 from planpipe.plans import latency
 from planpipe.plans.stats import MannWhitney, SampleStats, benjamini_hochberg, find_change, mann_whitney_u
 from planpipe.plans.verdicts import (
@@ -91,11 +92,13 @@ _KEEP_FOR_RESOLUTION: Final = 2_000  # latest executions kept per watched plan
 def scan_observations(root: Path) -> pl.LazyFrame | None:
     """The observations dataset reduced to the columns detection reads (never plan_text);
     None while the dataset holds no file yet. Files written before the work columns
-    existed read as null work."""
-    if next(root.glob("route=*/date=*/*.parquet"), None) is None:
+    existed read as null work; files that compaction already merged into another are
+    skipped (`parquet_sink.live_files`), so no execution counts twice."""
+    files = live_files(root) if root.exists() else []
+    if not files:
         return None
     return pl.scan_parquet(
-        str(root / "route=*" / "date=*" / "*.parquet"),
+        [str(f) for f in files],
         hive_partitioning=True,
         hive_schema={"route": pl.String, "date": pl.String},
         schema=OBSERVATION_COLUMNS,

@@ -1,8 +1,8 @@
 """Capture ids, watermark snapshots and finding an agent's records in Kafka.
 
 Every record the agent publishes carries `planpipe-capture-id:
-{agent}/{dev}:{inode}@{offset}` — the log entry it came from — so reading the
-same entry again yields the same id. After a `kill -9`, recovery looks for the
+{agent}/{dev}:{inode}@{offset}#{crc32 of the entry}` — the log entry it came
+from — so reading the same entry again yields the same id. After a `kill -9`, recovery looks for the
 ids of the batch in doubt in Kafka, from `scan_from` to the end of each
 partition. `scan_from` is a snapshot of the topics' end offsets taken before
 any record that could still be in doubt was produced:
@@ -18,6 +18,7 @@ any record that could still be in doubt was produced:
 import logging
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Final, cast
@@ -34,8 +35,9 @@ logger = logging.getLogger("planpipe.agent.ledger")
 H_CAPTURE_ID: Final = "planpipe-capture-id"
 
 
-def capture_id(agent: str, dev: int, inode: int, offset: int) -> str:
-    return f"{agent}/{dev}:{inode}@{offset}"
+def capture_id(agent: str, dev: int, inode: int, offset: int, entry: bytes) -> str:
+    """The entry's file, offset and a digest of its bytes (a truncated and rewritten file reuses offsets)."""
+    return f"{agent}/{dev}:{inode}@{offset}#{zlib.crc32(entry):08x}"
 
 
 def agent_prefix(agent: str) -> bytes:

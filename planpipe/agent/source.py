@@ -29,7 +29,7 @@ class _IdentifyingReader(AutoExplainReader):
         if envelope is not None:
             current = self._file
             assert current is not None
-            self.capture_ids.append(capture_id(self._agent, current.dev, current.inode, offset))
+            self.capture_ids.append(capture_id(self._agent, current.dev, current.inode, offset, raw))
         return envelope
 
 

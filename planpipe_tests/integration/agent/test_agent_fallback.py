@@ -24,7 +24,7 @@ from planpipe_tests.integration.agent.conftest import captured, write_plans
 from planpipe_tests.integration.routing.kafka_read import read_all
 
 KEYS = 7
-_OFFSET = re.compile(r"@(\d+)$")
+_OFFSET = re.compile(r"@(\d+)#")
 
 
 def _with_redis(settings: Settings, redis_server: Settings) -> Settings:

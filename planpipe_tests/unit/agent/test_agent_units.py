@@ -83,7 +83,8 @@ def test_streams_per_priority_keep_one_key_in_one_stream() -> None:
     record = OutRecord("plans", b"critical:q1", b"{}")
     assert stream_for(record, "plans.dlq") == "critical"
     assert stream_for(replace(record, topic="plans.dlq", key=None), "plans.dlq") == DLQ_STREAM
-    assert capture_id("a", 1, 2, 3) == "a/1:2@3"
+    assert capture_id("a", 1, 2, 3, b"entry") == "a/1:2@3#2b219d70"
+    assert capture_id("a", 1, 2, 3, b"other") != capture_id("a", 1, 2, 3, b"entry")
 
 
 def test_the_deployed_example_configuration_loads() -> None:

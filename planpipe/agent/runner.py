@@ -166,7 +166,10 @@ class Agent:
             self._persist_scan_from()
             self.publisher = AgentPublisher(self.settings, cooldown_s=self.config.cooldown_s)
             if self.redis is not None:
-                self._redis_pending = self.redis.pending() > 0
+                try:
+                    self._redis_pending = self.redis.pending() > 0
+                except QueueUnavailable:  # unknown: assume it holds older records (order first)
+                    self._redis_pending = True
             if self.config.log is not None:
                 self.source = self._open_source(self.config.log)
             self._mode = self.mode()

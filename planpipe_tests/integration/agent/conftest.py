@@ -58,7 +58,6 @@ def environment(settings: Settings, **extra: str) -> dict[str, str]:
         "PLANPIPE_DLQ_TOPIC": settings.dlq_topic,
         "PLANPIPE_REDIS_URL": settings.redis_url,
         "PLANPIPE_LOG_LEVEL": "WARNING",
-        **extra,
     }
     if not settings.redis_url:
         env.pop("PLANPIPE_REDIS_URL")

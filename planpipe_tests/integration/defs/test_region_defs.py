@@ -60,9 +60,10 @@ def test_a_regions_sensor_and_ingest_job_work_on_its_topic_only(
     job = repo.get_job("ingest_job_eu")
     run = job.execute_in_process(instance=dagster_instance, resources={"planpipe": planpipe_resource})
     assert run.success and run.dagster_run.tags[REGION_TAG] == "eu"
-    stored = pl.read_parquet(list(eu.parquet_dir.rglob("*.parquet")))
+    # The resource's data directory is the stack's (shared by runs of this test): this run's files only.
+    stored = pl.read_parquet(list(eu.parquet_dir.rglob(f"{eu.topic}+*.parquet")))
     assert stored.height == 12 and stored["cluster_id"].unique().to_list() == ["eu-1"]
-    assert not settings.parquet_dir.exists()  # the base topic's half waits for the base ingest
+    assert not list(eu.parquet_dir.parent.parent.rglob(f"{settings.topic}+*.parquet"))  # the base half waits
     us = repo.get_sensor_def("kafka_lag_sensor_us")
     quiet = us(dg.build_sensor_context(instance=dagster_instance, resources={"planpipe": planpipe_resource}))
     assert isinstance(quiet, dg.SensorResult) and not quiet.run_requests  # nothing of region us was captured

@@ -7,7 +7,7 @@ import uuid
 import dagster as dg
 import psycopg
 
-from planpipe.defs.definitions import defs
+from planpipe.defs.definitions import health_defs
 from planpipe.defs.health.assets import KAFKA_CLUSTER
 from planpipe.defs.health.sensors import broker_health_sensor
 from planpipe.defs.resources import PlanpipeResource
@@ -27,7 +27,7 @@ def test_sensor_records_health_and_brings_agents_back_after_recovery(
     settings: Settings, dagster_instance: dg.DagsterInstance, planpipe_resource: PlanpipeResource
 ) -> None:
     cluster = f"test-cluster-{uuid.uuid4().hex[:8]}"
-    assert defs.get_repository_def().get_sensor_def("broker_health_sensor") is not None
+    assert health_defs.sensors is not None and broker_health_sensor in health_defs.sensors
     # An earlier tick had switched the agents to Redis; the cluster has been healthy for 70 s.
     now = time.time()
     earlier = broker.DegradationState(
@@ -66,7 +66,10 @@ def test_sensor_records_health_and_brings_agents_back_after_recovery(
 def test_health_check_job_runs_both_checks(
     settings: Settings, dagster_instance: dg.DagsterInstance, planpipe_resource: PlanpipeResource
 ) -> None:
-    job = defs.resolve_job_def("health_check_job")
+    # The health domain's own definitions: other domains' sensors are not this test's business.
+    job = dg.Definitions.merge(health_defs, dg.Definitions(resources={"planpipe": planpipe_resource})).resolve_job_def(
+        "health_check_job"
+    )
     result = job.execute_in_process(instance=dagster_instance, resources={"planpipe": planpipe_resource})
     assert result.success
     evaluations = {e.check_name: e for e in result.get_asset_check_evaluations()}

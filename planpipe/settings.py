@@ -101,6 +101,10 @@ class Settings:
     redis_maxmemory: str = "256mb"
     # Routing guide: a plan slower than k x its query's baseline p95 is critical (0: rule off).
     latency_multiplier: float = 3.0
+    # Plan-regression detection: a query's settling period (its automatic baseline becomes the plan
+    # that dominated its first N executions) and the executions back to normal that resolve a finding.
+    detect_settling_executions: int = 30
+    detect_resolve_executions: int = 20
     # PLANPIPE_REGION: this process works on one region's topics, groups and data (routing/topology.py).
     region: str | None = None
 
@@ -160,6 +164,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         consumer_overrides=librdkafka_passthrough(env, "consumer"),
         **_redis(env),
         latency_multiplier=_env_float(env, "PLANPIPE_LATENCY_MULTIPLIER", 3.0),
+        detect_settling_executions=_env_int(env, "PLANPIPE_DETECT_SETTLING_EXECUTIONS", 30),
+        detect_resolve_executions=_env_int(env, "PLANPIPE_DETECT_RESOLVE_EXECUTIONS", 20),
     )
     from planpipe.routing.topology import apply_region  # the topology module builds on Settings
 

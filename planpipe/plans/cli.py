@@ -28,8 +28,12 @@ def add_parsers(sub: "argparse._SubParsersAction[Any]") -> None:
         action="store_true",
         help="apply alpha to each comparison (default: Benjamini-Hochberg across the run's comparisons)",
     )
-    p.add_argument("--settling-executions", type=int, default=30, help="settling period of a query (default 30)")
-    p.add_argument("--resolve-executions", type=int, default=20, help="executions that resolve a finding (default 20)")
+    p.add_argument(
+        "--settling-executions", type=int, help="settling period of a query (PLANPIPE_DETECT_SETTLING_EXECUTIONS)"
+    )
+    p.add_argument(
+        "--resolve-executions", type=int, help="executions that resolve a finding (PLANPIPE_DETECT_RESOLVE_EXECUTIONS)"
+    )
     p.add_argument("--cluster", action="append", default=[], help="only this cluster (repeatable)")
     p.add_argument("--diff", action="store_true", help="print each finding's plan diff")
     _format(p)
@@ -154,8 +158,8 @@ def _detect(args: argparse.Namespace, settings: Settings) -> int:
             min_executions=args.min_executions,
             alpha=args.alpha,
             fdr=not args.per_comparison_alpha,
-            settling_executions=args.settling_executions,
-            resolve_executions=args.resolve_executions,
+            settling_executions=args.settling_executions or settings.detect_settling_executions,
+            resolve_executions=args.resolve_executions or settings.detect_resolve_executions,
             clusters=tuple(args.cluster),
         )
     except ValueError as error:

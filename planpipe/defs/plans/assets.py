@@ -35,7 +35,10 @@ REDETECT = (
 )
 def plan_regressions(context: dg.AssetExecutionContext, planpipe: PlanpipeResource) -> dg.MaterializeResult[None]:
     settings = planpipe.settings()
-    result = detect_regressions(settings.pg_dsn, settings.parquet_dir, config=DetectionConfig())
+    config = DetectionConfig(
+        settling_executions=settings.detect_settling_executions, resolve_executions=settings.detect_resolve_executions
+    )
+    result = detect_regressions(settings.pg_dsn, settings.parquet_dir, config=config)
     metadata: dict[str, dg.MetadataValue] = {}
     for key, value in result.metadata().items():
         if key == "report":

@@ -10,7 +10,7 @@ and Redis, so nothing is lost and nothing is published twice.
 
 Modules: `config` (file + flags), `state` (the agent's SQLite: cursor, batches
 in doubt, capture counts), `ledger` (capture ids, watermark snapshots, finding
-ids in Kafka), `recovery`, `publisher` (router + producer + Redis hand-off),
+ids in Kafka), `recovery`, `publisher` (router + producer), `handoff` (producer or Redis, the drainer),
 `source` (the auto_explain reader with capture ids), `sampler` (live EXPLAIN
 ANALYZE), `mode` (the fallback-mode hook), `counts`, `server` (metrics and
 health on 127.0.0.1), `runner` (the process), `cli`.

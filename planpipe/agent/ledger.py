@@ -15,11 +15,13 @@ any record that could still be in doubt was produced:
   least that much older than now.
 """
 
+import contextlib
+import itertools
 import logging
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Final, cast
 
@@ -78,6 +80,30 @@ def end_offsets(consumer: Consumer, topics: Iterable[str], timeout_s: float) -> 
             for partition in found.partitions
         }
     return result
+
+
+class OpenSends:
+    """Hand-offs not yet durable, with their start times: the oldest bounds `scan_from`."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._tokens = itertools.count()
+        self._started: dict[int, float] = {}
+
+    @contextlib.contextmanager
+    def open(self) -> Iterator[None]:
+        token = next(self._tokens)
+        with self._lock:
+            self._started[token] = time.time()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._started.pop(token, None)
+
+    def oldest(self) -> float | None:
+        with self._lock:
+            return min(self._started.values(), default=None)
 
 
 @dataclass(frozen=True, slots=True)

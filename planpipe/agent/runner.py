@@ -1,42 +1,28 @@
 """The agent process: recover, then capture → route → hand off → commit, until stopped.
 
 Threads: the capture loop (this one), `maintenance` (watermark snapshots,
-`scan_from`, count reports, gauges), `redis-drain` (when Redis is configured)
-and `sampler` (when live sampling is on); the HTTP endpoint serves from its own.
-
-Where a batch goes (`_destination`), under one lock so order per key holds:
-
-1. Redis while it still holds records (newer records queue behind them);
-2. Redis while the broker-health sensor reports the cluster degraded
-   (`planpipe.kafka_fallback_mode`, runbook: URP > 5 for > 2 min);
-3. Redis when the producer's breaker is not closed (Kafka unreachable) and the
-   spool passed a size or age limit;
-4. otherwise the producer (Kafka, or its spool on an outage).
-
-The drainer moves Redis records to Kafka only while the cluster is not
-degraded, the breaker is closed and the spool is empty (spooled records are
-older); when Redis is empty it hands new batches back to the producer.
+`scan_from`, count reports), `mode` and `redis-drain` (`handoff`: where a batch
+goes, and the Redis drainer) and `sampler` (when live sampling is on); the HTTP
+endpoint serves from its own.
 """
 
 import fcntl
-import itertools
 import logging
 import os
-import signal
 import threading
 import time
 import uuid
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from http.server import ThreadingHTTPServer
 from pathlib import Path
-from typing import IO, Final, Literal
+from typing import IO, Final
 
 from planpipe.agent import server
 from planpipe.agent.config import AgentConfig
 from planpipe.agent.counts import report_counts
-from planpipe.agent.ledger import Watermarks
+from planpipe.agent.handoff import Handoff, Stopped, fault_point
+from planpipe.agent.ledger import OpenSends, Watermarks
 from planpipe.agent.publisher import AgentPublisher, Item
 from planpipe.agent.recovery import RecoveryReport, recover
 from planpipe.agent.sampler import Sampler, SamplerConfig
@@ -44,45 +30,20 @@ from planpipe.agent.source import LogSource
 from planpipe.agent.state import AgentState
 from planpipe.capture.autoexplain import LogFormat
 from planpipe.contract import encode_envelope
-from planpipe.health.broker import FallbackMode
 from planpipe.health.fallback import FallbackModeReader
 from planpipe.routing.producer import BreakerState
 from planpipe.routing.publish import Source
-from planpipe.routing.redis_queue import QueueUnavailable, RedisDrainer, RedisQueue
-from planpipe.routing.spool import OutRecord
+from planpipe.routing.redis_queue import RedisQueue
 from planpipe.settings import Settings
 from planpipe.stack.errors import StackError
 
 logger = logging.getLogger("planpipe.agent")
 
-Destination = Literal["kafka", "redis"]
-_SPOOL_CHECK_S: Final = 1.0
 _WAIT_LOG_S: Final = 30.0
 
 
 class AgentBusy(StackError):
     """Another agent process owns this state directory."""
-
-
-class _Stopped(Exception):
-    """Stop requested while a batch could be stored nowhere: its intent stays open, the log keeps it."""
-
-
-_FAULT_COUNTS: dict[str, int] = {}
-
-
-def _fault_point(name: str) -> None:
-    """Crash tests: PLANPIPE_FAULT_KILL_AT=<step>[:<n>] SIGKILLs the agent at the n-th pass. Never in production."""
-    step, _, nth = os.environ.get("PLANPIPE_FAULT_KILL_AT", "").partition(":")
-    if step != name:
-        return
-    _FAULT_COUNTS[name] = _FAULT_COUNTS.get(name, 0) + 1
-    if _FAULT_COUNTS[name] >= int(nth or "1"):
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _setter(event: threading.Event) -> Callable[[float], None]:
-    return lambda _elapsed_ms: event.set()
 
 
 def _lock(path: Path) -> IO[bytes]:
@@ -124,25 +85,20 @@ class Agent:
             if settings.redis_url
             else None
         )
-        # Read by the `mode` thread only: a slow or absent PostgreSQL never stalls the capture path.
-        self.mode = FallbackModeReader(settings.pg_dsn, settings.kafka_bootstrap, ttl_s=config.mode_refresh_s)
-        self._mode = FallbackMode.KAFKA
+        self._mode_reader = FallbackModeReader(settings.pg_dsn, settings.kafka_bootstrap, ttl_s=config.mode_refresh_s)
+        self.handoff: Handoff | None = None
         self.publisher: AgentPublisher | None = None
         self.watermarks: Watermarks | None = None
         self.source: LogSource | None = None
         self.sampler: Sampler | None = None
-        self._route_lock = threading.Lock()
-        self._redis_pending = False
-        self._sends_lock = threading.Lock()
-        self._sends = itertools.count()
-        self._open_sends: dict[int, float] = {}
-        self._spool_over: tuple[float, bool] = (0.0, False)
+        self._sends = OpenSends()
         self._skips: set[str] = set()
         self._last_commit: float | None = None
         self._message_timeout_s = int(settings.producer_overrides.get("message.timeout.ms", 300_000)) / 1000
         self._threads: list[threading.Thread] = []
         self._http: ThreadingHTTPServer | None = None
         self._last_wait_log = 0.0
+        self._detail_at = 0.0
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -165,18 +121,22 @@ class Agent:
             self.watermarks.take()
             self._persist_scan_from()
             self.publisher = AgentPublisher(self.settings, cooldown_s=self.config.cooldown_s)
-            if self.redis is not None:
-                try:
-                    self._redis_pending = self.redis.pending() > 0
-                except QueueUnavailable:  # unknown: assume it holds older records (order first)
-                    self._redis_pending = True
+            self.handoff = Handoff(
+                self.config,
+                self.publisher,
+                self.redis,
+                self._mode_reader,
+                state=self.state,
+                sends=self._sends,
+                stop=self.stop,
+                waiting=self._waiting,
+            )
             if self.config.log is not None:
                 self.source = self._open_source(self.config.log)
-            self._mode = self.mode()
             self._start_threads()
             self.status, self.detail = "ok", ""
             self._capture_loop()
-        except _Stopped:
+        except Stopped:
             logger.warning("agent %s stopped with a batch not stored; it is read again at the next start", self.name)
         finally:
             self._shutdown()
@@ -194,9 +154,10 @@ class Agent:
         )
 
     def _start_threads(self) -> None:
-        targets = [("maintenance", self._maintenance_loop), ("mode", self._mode_loop)]
+        assert self.handoff is not None
+        targets = [("maintenance", self._maintenance_loop), ("mode", self.handoff.mode_loop)]
         if self.redis is not None:
-            targets.append(("redis-drain", self._drain_loop))
+            targets.append(("redis-drain", self.handoff.drain_loop))
         if self.config.sample and self.config.dsn:
             self.sampler = Sampler(
                 SamplerConfig(
@@ -278,19 +239,17 @@ class Agent:
         """Route, record the intent, hand off, wait until durable, commit (cursor, counts) in one transaction."""
         publisher = self.publisher
         assert publisher is not None
+        assert self.handoff is not None
         routed = publisher.route(items)
-        token = self._begin_send()
-        try:
+        with self._sends.open():
             intent_id = (
                 self.state.open_intent([item.capture_id for item in items], self._scan_from())
                 if advance_cursor
                 else None
             )
-            _fault_point("agent_before_handoff")
-            destination = self._handoff(routed.records)
-            _fault_point("agent_before_commit")
-        finally:
-            self._end_send(token)
+            fault_point("agent_before_handoff")
+            destination = self.handoff.store(routed.records)
+            fault_point("agent_before_commit")
         cursor = self.source.cursor() if advance_cursor and self.source is not None else None
         self.state.commit_batch(
             intent_id=intent_id, cursor=cursor, captured=dict(routed.per_topic), used_skips=used_skips
@@ -299,86 +258,14 @@ class Agent:
         server.LAST_COMMIT.set(self._last_commit)
         server.ENVELOPES.labels(destination=destination).inc(len(routed.records))
 
-    def _handoff(self, records: Sequence[OutRecord]) -> Destination:
-        """Store `records` durably, in order, in Redis or through the producer; blocks until done."""
-        publisher = self.publisher
-        assert publisher is not None
-        while True:
-            done = threading.Event()
-            with self._route_lock:
-                destination = self._destination()
-                if destination == "redis":
-                    assert self.redis is not None
-                    try:
-                        self.redis.push(records)
-                        self._redis_pending = True
-                        self._set_detail("degraded", "writing to the Redis queue")
-                        return "redis"
-                    except QueueUnavailable as error:
-                        if self._redis_pending:
-                            wait_reason = f"Redis holds older records but refuses new ones ({error}); waiting"
-                        else:
-                            logger.warning("Redis queue unavailable (%s); using the producer and its spool", error)
-                            destination = "kafka"
-                if destination == "kafka":
-                    if records:
-                        publisher.producer.send(records, on_durable=_setter(done))
-                    else:
-                        done.set()
-            if destination == "kafka":
-                done.wait()
-                return "kafka"
-            self._waiting(wait_reason)
-            if self.stop.wait(1.0):
-                raise _Stopped
-
-    def _destination(self) -> Destination:
-        if self.redis is None:
-            return "kafka"
-        if self._redis_pending or self._mode is FallbackMode.REDIS:
-            return "redis"
-        publisher = self.publisher
-        assert publisher is not None
-        if publisher.producer.breaker_state is not BreakerState.CLOSED and self._spool_over_limit():
-            return "redis"
-        return "kafka"
-
-    def _spool_over_limit(self) -> bool:
-        """Rows from the spool's own count (exact, free); bytes and age from SQLite at most once a second."""
-        assert self.publisher is not None
-        spool = self.publisher.producer.spool
-        if spool.depth() >= self.config.spool_max_rows:
-            return True
-        checked_at, over = self._spool_over
-        if time.monotonic() - checked_at >= _SPOOL_CHECK_S:
-            stats = spool.stats()
-            over = stats.value_bytes >= self.config.spool_max_bytes or (
-                (stats.oldest_age_s or 0.0) >= self.config.spool_max_age_s
-            )
-            self._spool_over = (time.monotonic(), over)
-        return over
-
     # -- what may be in doubt -------------------------------------------------------
-
-    def _begin_send(self) -> int:
-        token = next(self._sends)
-        with self._sends_lock:
-            self._open_sends[token] = time.time()
-        return token
-
-    def _end_send(self, token: int) -> None:
-        with self._sends_lock:
-            self._open_sends.pop(token, None)
 
     def _scan_from(self) -> dict[str, dict[int, int]] | None:
         """See `ledger`: the newest snapshot older than anything that could still be in doubt."""
         if self.watermarks is None:
             return None
         now = time.time()
-        bound = now
-        with self._sends_lock:
-            if self._open_sends:
-                bound = min(self._open_sends.values())
+        bound = min(now, self._sends.oldest() or now)
         if self.publisher is not None and self.publisher.producer.spool.depth() > 0:
             bound = min(bound, now - self._message_timeout_s - 5.0)
         return self.watermarks.scan_from(bound)
@@ -400,11 +287,6 @@ class Agent:
                 self._report_counts()
                 next_report = time.monotonic() + self.config.report_interval_s
 
-    def _mode_loop(self) -> None:
-        while not self.stop.is_set():
-            self._mode = self.mode()  # cached by the reader for mode_refresh_s
-            self.stop.wait(min(1.0, self.config.mode_refresh_s))
-
     def _report_counts(self) -> None:
         rows = self.state.counts(dirty_only=True)
         if not rows:
@@ -415,67 +297,6 @@ class Agent:
             logger.warning("capture counts not reported yet: %s", error)
             return
         self.state.mark_reported(rows)
-
-    def _drain_loop(self) -> None:
-        assert self.redis is not None and self.publisher is not None
-        drainer = RedisDrainer(self.redis, self._send_durable, may_drain=self._may_drain)
-        next_expiry = 0.0
-        while not self.stop.is_set():
-            moved = 0
-            try:
-                if time.monotonic() >= next_expiry:
-                    self._expire()
-                    next_expiry = time.monotonic() + min(10.0, self.redis.ttl_s / 2)
-                if self._redis_pending and self._may_drain():
-                    moved = drainer.drain_once(self.stop)
-                    server.REDIS_MOVED.inc(moved)
-                    if moved == 0:
-                        with self._route_lock:
-                            if self.redis.pending() == 0:
-                                self._redis_pending = False
-                                self._set_detail("ok", "")
-                server.REDIS_PENDING.set(self.redis.pending())
-            except QueueUnavailable as error:
-                self._waiting(f"Redis drain waits: {error}")
-            server.FALLBACK_REDIS.set(1 if self._redis_pending else 0)
-            if not moved:
-                self.stop.wait(0.5)
-
-    def _may_drain(self) -> bool:
-        publisher = self.publisher
-        assert publisher is not None
-        return (
-            self._mode is not FallbackMode.REDIS
-            and publisher.producer.breaker_state is BreakerState.CLOSED
-            and publisher.producer.spool.depth() == 0
-        )
-
-    def _send_durable(self, records: Sequence[OutRecord]) -> None:
-        assert self.publisher is not None
-        token = self._begin_send()
-        try:
-            self.publisher.send_durable(records)
-            _fault_point("drain_before_delete")
-        finally:
-            self._end_send(token)
-
-    def _expire(self) -> None:
-        assert self.redis is not None
-        expired = self.redis.expire()
-        if not expired:
-            return
-        per_topic = Counter(entry.record.topic for entry in expired)
-        self.state.add_dropped(per_topic)
-        for topic, count in per_topic.items():
-            server.REDIS_EXPIRED.labels(topic=topic).inc(count)
-        keys = ", ".join(sorted({(e.record.key or b"-").decode(errors="replace") for e in expired})[:20])
-        logger.error(
-            "Redis queue TTL (%.0f s): dropped %d record(s) never delivered (%s); keys: %s",
-            self.redis.ttl_s,
-            len(expired),
-            dict(per_topic),
-            keys,
-        )
 
     def _sample_loop(self) -> None:
         assert self.sampler is not None
@@ -501,11 +322,8 @@ class Agent:
         server.DUPLICATES_REMOVED.labels(where="spool").inc(report.spool_duplicates_removed)
         server.DUPLICATES_REMOVED.labels(where="redis").inc(report.redis_duplicates_removed)
 
-    def _set_detail(self, status: str, detail: str) -> None:
-        self.status, self.detail = status, detail
-
     def _waiting(self, why: str) -> None:
-        self.detail = why
+        self.detail, self._detail_at = why, time.monotonic()
         if time.monotonic() - self._last_wait_log >= _WAIT_LOG_S:
             self._last_wait_log = time.monotonic()
             logger.warning("agent %s: %s", self.name, why)
@@ -516,19 +334,20 @@ class Agent:
         status = self.status
         if status == "ok" and stats is not None and (stats.breaker is not BreakerState.CLOSED or stats.spool_depth):
             status = "degraded"
-        if status == "ok" and self._redis_pending:
+        handoff = self.handoff
+        if status == "ok" and handoff is not None and handoff.writes_to == "redis":
             status = "degraded"
         position = self.source.reader.position if self.source is not None else None
         return {
             "agent": self.name,
             "cluster_id": self.cluster_id,
             "status": status,
-            "detail": self.detail,
-            "writes_to": "redis" if self._redis_pending or self._mode is FallbackMode.REDIS else "kafka",
-            "fallback_mode": self._mode.value,
+            "detail": self.detail if time.monotonic() - self._detail_at < 5.0 else "",  # a wait still going on
+            "writes_to": None if handoff is None else handoff.writes_to,
+            "fallback_mode": None if handoff is None else handoff.mode.value,
             "breaker": None if stats is None else stats.breaker.value,
             "spool_depth": None if stats is None else stats.spool_depth,
-            "redis_pending": self._redis_pending,
+            "redis_pending": handoff is not None and handoff.redis_pending,
             "last_commit_age_s": None if self._last_commit is None else round(time.time() - self._last_commit, 3),
             "log_position": None if position is None else f"{position[0]}@{position[1]}",
             "counts": {topic: {"captured": c, "dropped": d} for topic, (c, d) in self.state.totals().items()},

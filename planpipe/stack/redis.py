@@ -23,8 +23,6 @@ import time
 from pathlib import Path
 from typing import Final
 
-import redis
-
 from planpipe.redact import mask_dsn
 from planpipe.settings import REPO_ROOT, Settings
 from planpipe.stack.errors import StackError, make_dirs, pid_alive, require_free_ports, tail
@@ -89,6 +87,8 @@ def is_running(settings: Settings) -> bool:
 
 
 def answers(url: str, timeout_s: float = 2.0) -> bool:
+    import redis  # here, not at the top: every `planpipe.stack` import would pay for the client
+
     client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
     try:
         return bool(client.ping())

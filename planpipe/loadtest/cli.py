@@ -44,6 +44,12 @@ def add_parsers(sub: "argparse._SubParsersAction[Any]") -> None:
     p.add_argument("--no-outage", action="store_true", help="no broker outage (an external cluster)")
     p.add_argument("--producer-cooldown", type=_positive(float), default=30.0,
                    help="router breaker cool-down before it retries the broker (default 30)")  # fmt: skip
+    p.add_argument("--agent-rate", type=float, default=0.0,
+                   help="also feed an in-process planpipe agent this many envelopes/s from a synthetic "
+                        "auto_explain log; under the outage it falls back to Redis "
+                        "(needs PLANPIPE_REDIS=1 or PLANPIPE_REDIS_URL)")  # fmt: skip
+    p.add_argument("--agent-spool-rows", type=_positive(int), default=50,
+                   help="the agent's spool rows before it falls back to Redis (default 50)")  # fmt: skip
     p.set_defaults(handler=_loadtest)
 
 
@@ -59,7 +65,7 @@ def _loadtest(args: argparse.Namespace, settings: Settings) -> int:
         rate=args.rate, factor=args.factor, duration_s=args.duration, max_runs=max_runs,
         lag_per_run=args.lag_per_run, sensor_interval_s=args.sensor_interval, idle_s=args.idle,
         breaker_window_s=args.breaker_window, outage_s=None if args.no_outage else args.outage,
-        producer_cooldown_s=args.producer_cooldown,
+        producer_cooldown_s=args.producer_cooldown, agent_rate=args.agent_rate, agent_spool_rows=args.agent_spool_rows,
     )  # fmt: skip
     summary = Loadtest(settings, config).run()
     print(json.dumps(summary, indent=2, default=str))

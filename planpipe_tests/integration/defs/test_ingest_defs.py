@@ -87,7 +87,7 @@ def test_ingest_asset_materializes_per_batch_and_checks_run(
     assert result.success
     observations = [m for m in result.get_asset_materialization_events() if m.asset_key == OBSERVATIONS]
     per_batch = [m for m in observations if "batch_id" in m.materialization.metadata]
-    assert len(per_batch) >= 3  # 1201 records in batches of at most 500
+    assert len(per_batch) >= 2  # 1201 records: batches start at 500 and grow under lag (adaptive batches)
     assert sum(m.materialization.metadata["rows"].value for m in per_batch) == len(envelopes)  # type: ignore[misc]
     assert any(m.asset_key == BASELINES for m in result.get_asset_materialization_events())
     evaluations = {e.check_name: e for e in result.get_asset_check_evaluations()}

@@ -276,7 +276,8 @@ class Loadtest:
                 if lane is not None and int(elapsed * 5) != int((elapsed - 0.005) * 5):  # 5 times a second
                     lane.write_until(int(elapsed * config.agent_rate))
                 time.sleep(0.005)
-            outage.join()
+            if config.outage_s is not None:
+                outage.join()
             report = publisher.close(config.settle_timeout_s)
             if lane is not None:
                 lane.drain(config.settle_timeout_s)

@@ -100,3 +100,16 @@ def test_redis_settings_local_external_and_masked() -> None:
     assert (local.redis_url, local.redis_external) == ("redis://127.0.0.1:16400/0", False)
     external = load_settings({"PLANPIPE_REDIS_URL": "redis://:S3cret@cache:6379/2"})
     assert external.redis_external and "S3cret" not in repr(external)
+
+
+def test_the_command_refuses_what_it_cannot_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from planpipe.cli import main
+
+    assert main(["agent"]) == 2
+    assert "nothing to capture" in capsys.readouterr().err
+    assert main(["agent", "--sample"]) == 2
+    assert "--sample needs --dsn" in capsys.readouterr().err
+    bad = tmp_path / "agent.toml"
+    bad.write_text("http_port = true\n")
+    assert main(["agent", "--config", str(bad)]) == 2
+    assert "http_port must be int" in capsys.readouterr().err

@@ -392,7 +392,7 @@ def plan_history(
                 cluster_id=cluster,
                 query_hash=query_hash,
                 query_type=query_type,
-                query_text=query_text,
+                query_text=statement_text(query_text),  # constants as $n, as for every execution
                 baseline_fingerprint=str(baseline[1]) if baseline is not None else None,
                 window_hours=window_hours,
                 plans=tuple(records),

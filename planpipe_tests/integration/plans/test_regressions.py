@@ -463,6 +463,8 @@ def test_lifecycle_statuses_acknowledgement_and_auto_resolution(
     assert run_cli(settings, "plans", q_a, "--cluster", cluster) == 0
     shown = capsys.readouterr().out
     assert "accepted *" in shown and "candidate" in shown and "orders_customer_idx" in shown
+    # The statement as every execution runs it (constants as $n), p50/p95 marked approximate.
+    assert "customer_id = $1" in shown and "customer_id = 4242" not in shown and "≈p50 ms" in shown
 
     # Acknowledging records who/when; the finding leaves the router's set but stays tracked.
     finding_a = first[q_a]

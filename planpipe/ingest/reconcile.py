@@ -32,6 +32,7 @@ class Reconciliation:
     captured: int | None  # None when no capture agent reported counts in the window
     unseen_offsets: int = 0  # transaction markers and aborted records of DLQ replays
     replayed: int = 0  # records the DLQ replay republished to the topic
+    dropped: int = 0  # captured but counted as dropped by agents (Redis TTL): a known share of the divergence
 
     @property
     def consumer_divergence(self) -> int:
@@ -121,13 +122,14 @@ def reconcile(dsn: str, group: str, topic: str, window_hours: float = 1.0) -> Re
             (topic, start, end),
         ).fetchone()
         captured_row = conn.execute(
-            """SELECT sum(published) FROM planpipe.capture_counts
+            """SELECT sum(published), coalesce(sum(dropped), 0) FROM planpipe.capture_counts
                WHERE topic = %s AND hour >= date_trunc('hour', %s::timestamptz) AND hour <= %s""",
             (topic, start, end),
         ).fetchone()
     consumed = int(cast(tuple[int], consumed_row)[0])
     captured = None if captured_row is None or captured_row[0] is None else int(cast(tuple[int], captured_row)[0])
+    dropped = 0 if captured_row is None else int(captured_row[1])
     unseen, replayed = (int(v) for v in cast(tuple[int, int], unseen_row))
     return Reconciliation(
-        start, end, int(high_end - high_start), consumed, int(lag_end - lag_start), captured, unseen, replayed
+        start, end, int(high_end - high_start), consumed, int(lag_end - lag_start), captured, unseen, replayed, dropped
     )

@@ -189,10 +189,9 @@ def _members_fill_the_object(data: bytes) -> bool:
         return False
     if not members:
         return len(data) == 2
-    accounted = 1 + len(members)  # braces and the commas between members
-    for key, value in members.items():
-        accounted += len(key.encode()) + 3 + len(value)  # "key":value
-    return accounted == len(data)
+    # Braces and commas (n + 1), then `"key":` (3 + key) and the value of each member.
+    keys = "".join(members).encode()
+    return 1 + 4 * len(members) + len(keys) + sum(map(len, members.values())) == len(data)
 
 
 _MEMBERS: Final = msgspec.json.Decoder(dict[str, msgspec.Raw])

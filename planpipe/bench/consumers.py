@@ -54,13 +54,18 @@ class Window:
         self.first_end: float | None = None
         self.first_batch = 0
         self.last_end: float | None = None
+        # CPU seconds of this process at those two instants (its own work in the window).
+        self.first_cpu = 0.0
+        self.last_cpu = 0.0
 
     def batch_done(self, records: int) -> None:
         now = time.perf_counter()
         self.consumed += records
         if self.first_end is None:
             self.first_end, self.first_batch = now, records
+            self.first_cpu = time.process_time()
         self.last_end = now
+        self.last_cpu = time.process_time()
 
     def result(self, spec: dict[str, Any], **extra: Any) -> dict[str, Any]:
         measured = self.consumed - self.first_batch
@@ -79,6 +84,7 @@ class Window:
             "first_end": self.first_end,
             "last_end": self.last_end,
             "first_batch": self.first_batch,
+            "window_cpu_s": round(self.last_cpu - self.first_cpu, 3),
             "peak_rss_mb": peak_rss_mb(),
             **extra,
         }

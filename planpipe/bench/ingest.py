@@ -133,10 +133,13 @@ class BenchResult:
         }
 
     def cpu_per_envelope_us(self, variant: str) -> float | None:
-        d = self.cpu.get(variant)
-        if not d:
+        """The consumer's own CPU in its measured window, plus PostgreSQL's and the broker's over
+        the run, per envelope (the consumer's start-up, imports and group join left out)."""
+        d, w = self.cpu.get(variant), self.workers.get(variant)
+        if not d or not w or not w.get("measured") or w.get("window_cpu_s") is None:
             return None
-        return round(1e6 * (d["consumer"] + d["postgresql"] + d["broker"]) / self.options.messages, 1)
+        consumer = float(w["window_cpu_s"]) / float(w["measured"])
+        return round(1e6 * (consumer + (d["postgresql"] + d["broker"]) / self.options.messages), 1)
 
 
 Log = Callable[[str], None]

@@ -58,7 +58,7 @@ def _replay(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _parked(args: argparse.Namespace, settings: Settings) -> int:
-    from planpipe.replay.engine import parked_messages
+    from planpipe.replay.store import parked_messages
 
     topic = None if args.all_topics else settings.dlq_topic
     rows = parked_messages(settings.pg_dsn, dlq_topic=topic, limit=args.limit, reason=args.reason)

@@ -28,7 +28,8 @@ from planpipe.ingest.lag import group_lag
 from planpipe.ingest.reconcile import reconcile, record_lag_sample
 from planpipe.kafka_config import consumer_config, producer_config
 from planpipe.replay import cli as replay_cli
-from planpipe.replay.engine import H_DLQ_OFFSET, H_DLQ_PARTITION, H_DLQ_TOPIC, ReplaySummary, run_replay
+from planpipe.replay.decide import H_DLQ_OFFSET, H_DLQ_PARTITION, H_DLQ_TOPIC
+from planpipe.replay.engine import ReplaySummary, run_replay
 from planpipe.routing.router import Router, RoutingConfig
 from planpipe.settings import Settings
 from planpipe_tests.integration.workload import capture_plans, consume_all, create_workload, settings_env

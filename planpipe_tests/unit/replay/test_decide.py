@@ -1,4 +1,4 @@
-"""The replay engine's pure part: what happens to one DLQ record, and the headers it republishes with."""
+"""The replay's decisions (planpipe.replay.decide): what becomes of one DLQ record, and its headers."""
 
 from typing import Any
 
@@ -17,21 +17,21 @@ from planpipe.dlq import (
     DeadLetter,
     header_map,
 )
-from planpipe.replay import engine
-from planpipe.replay.engine import (
+from planpipe.replay import decide as decisions
+from planpipe.replay.decide import (
     H_DLQ_OFFSET,
     H_DLQ_PARTITION,
     H_DLQ_TOPIC,
     Disposition,
     Letter,
     Park,
-    ReplaySummary,
     Republish,
     Skip,
     decide,
     disposition,
     republish_headers,
 )
+from planpipe.replay.engine import ReplaySummary
 from planpipe.routing.router import Router, RoutingConfig, message_key
 
 pytestmark = pytest.mark.unit
@@ -71,7 +71,7 @@ def test_disposition(reason: str | None, expected: Disposition) -> None:
 
 
 def test_transient_reasons_are_an_extension_point(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(engine, "TRANSIENT_REASONS", frozenset({"store_unavailable"}))
+    monkeypatch.setattr(decisions, "TRANSIENT_REASONS", frozenset({"store_unavailable"}))
     assert disposition("store_unavailable") is Disposition.RETRY
     good = msgspec.json.encode(VALID)
     headers = [(H_REASON, b"store_unavailable")]

@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Final, Literal
 
@@ -204,18 +204,22 @@ def _record(row: Sequence[Any]) -> Regression:
 
 def current_baselines(conn: psycopg.Connection[Any], clusters: Sequence[str] = ()) -> dict[tuple[str, str], str]:
     """(cluster_id, query_hash) → fingerprint of the most recently accepted plan."""
-    return {key: fp for key, (fp, _) in _baselines_with_origin(conn, clusters).items()}
+    return {key: fp for key, (fp, _, _) in _baselines_with_origin(conn, clusters).items()}
 
 
 def _baselines_with_origin(
     conn: psycopg.Connection[Any], clusters: Sequence[str] = ()
-) -> dict[tuple[str, str], tuple[str, str | None]]:
+) -> dict[tuple[str, str], tuple[str, str | None, datetime]]:
+    """(cluster, query) → (accepted fingerprint, who accepted it, the query's first execution)."""
     rows = conn.execute(
-        """SELECT cluster_id, query_hash, fingerprint, status_by FROM planpipe.current_baselines
-           WHERE cardinality(%s::text[]) = 0 OR cluster_id = ANY(%s::text[])""",
+        """SELECT cb.cluster_id, cb.query_hash, cb.fingerprint, cb.status_by,
+                  (SELECT min(b.first_seen) FROM planpipe.plan_baselines b
+                   WHERE (b.cluster_id, b.query_hash) = (cb.cluster_id, cb.query_hash))
+           FROM planpipe.current_baselines cb
+           WHERE cardinality(%s::text[]) = 0 OR cb.cluster_id = ANY(%s::text[])""",
         (list(clusters), list(clusters)),
     ).fetchall()
-    return {(str(c), str(q)): (str(f), b) for c, q, f, b in rows}
+    return {(str(c), str(q)): (str(f), b, first) for c, q, f, b, first in rows}
 
 
 def _diff_markdown(verdict: Verdict, texts: Mapping[str, str]) -> str:
@@ -355,8 +359,11 @@ def detect_regressions(
     with psycopg.connect(dsn) as conn:
         origins = _baselines_with_origin(conn, config.clusters)
         watched = _watch(_unresolved(conn, config.clusters))
-    baselines = {key: fp for key, (fp, _) in origins.items()}
-    auto = [key for key, (_, by) in origins.items() if by == AUTO_ACCEPTED_BY]
+    baselines = {key: fp for key, (fp, _, _) in origins.items()}
+    # Settling needs the query's first executions in sight: an automatic baseline older than the
+    # lookback stays (the plan dominating the lookback may be the regression itself).
+    horizon = moment - timedelta(hours=config.lookback_hours)
+    auto = [key for key, (_, by, first) in origins.items() if by == AUTO_ACCEPTED_BY and first >= horizon]
     analysis = find_regressions(
         scan_observations(parquet_root), baselines, config, now=moment, auto_accepted=auto, watch=watched
     )

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Final, TypedDict
 
 from planpipe.redact import mask_dsn, mask_kafka_config
+from planpipe.topology import apply_region
 
 REPO_ROOT: Final = Path(__file__).resolve().parent.parent
 
@@ -105,7 +106,7 @@ class Settings:
     # that dominated its first N executions) and the executions back to normal that resolve a finding.
     detect_settling_executions: int = 30
     detect_resolve_executions: int = 20
-    # PLANPIPE_REGION: this process works on one region's topics, groups and data (routing/topology.py).
+    # PLANPIPE_REGION: this process works on one region's topics, groups and data (topology.py).
     region: str | None = None
 
     def __repr__(self) -> str:  # the dataclass repr would show DSN passwords and SASL secrets
@@ -167,8 +168,6 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         detect_settling_executions=_env_int(env, "PLANPIPE_DETECT_SETTLING_EXECUTIONS", 30),
         detect_resolve_executions=_env_int(env, "PLANPIPE_DETECT_RESOLVE_EXECUTIONS", 20),
     )
-    from planpipe.routing.topology import apply_region  # the topology module builds on Settings
-
     return apply_region(settings, env)
 
 

@@ -29,8 +29,8 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from planpipe.agent.state import Offsets
 from planpipe.kafka_config import consumer_config
-from planpipe.routing.topology import load_topology
 from planpipe.settings import Settings
+from planpipe.topology import load_topology
 
 logger = logging.getLogger("planpipe.agent.ledger")
 

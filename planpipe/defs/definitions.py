@@ -28,8 +28,8 @@ from planpipe.defs.regions.definitions import regional_defs
 from planpipe.defs.replay.assets import dlq_replay, replay_job
 from planpipe.defs.replay.sensors import dlq_sensor
 from planpipe.defs.resources import planpipe_resource
-from planpipe.routing.topology import Topology, load_topology
 from planpipe.settings import load_settings
+from planpipe.topology import Topology, load_topology
 
 sla_check_job = dg.define_asset_job(
     "sla_check_job",

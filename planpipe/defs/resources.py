@@ -9,8 +9,8 @@ from dataclasses import replace
 
 import dagster as dg
 
-from planpipe.routing.topology import region_settings
 from planpipe.settings import Settings, load_settings
+from planpipe.topology import region_settings
 
 # An ingest run tagged with a region (by its region's lag sensor) works on that region's topics.
 REGION_TAG = "planpipe/region"

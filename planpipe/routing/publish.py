@@ -36,8 +36,8 @@ from planpipe.routing.router import (
     parse_message_key,
 )
 from planpipe.routing.spool import OutRecord
-from planpipe.routing.topology import load_topology
 from planpipe.settings import Settings
+from planpipe.topology import load_topology
 
 logger = logging.getLogger("planpipe.publish")
 

@@ -10,10 +10,10 @@ from typing import Final
 
 from planpipe.db.migrate import migrate
 from planpipe.redact import mask_dsn
-from planpipe.routing.topology import load_topology, region_settings
 from planpipe.settings import Settings
 from planpipe.stack import kafka, postgres, redis
 from planpipe.stack.errors import StackError, make_dirs
+from planpipe.topology import load_topology, region_settings
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 `kafka_lag_sensor_<region>`.
 
 A region's ingest runs are `ingest_micro_batches` runs tagged `planpipe/region`: they read the region's
-topic with the region's consumer group and write the region's Parquet directory (routing/topology.py),
+topic with the region's consumer group and write the region's Parquet directory (topology.py),
 so its plans are stored by its own runs only. The region's sensor records the region topic's lag as
 observations and launches runs by the same rule as `kafka_lag_sensor` (one more per 20,000 behind, up to
 PLANPIPE_MAX_INGEST_RUNS per region; runs end when idle). A regional code location (PLANPIPE_REGION)
@@ -16,7 +16,7 @@ from planpipe.defs.ingest.jobs import INGEST_ROLE_TAG
 from planpipe.defs.ingest.sensors import runs_in_flight, wanted_runs
 from planpipe.defs.resources import REGION_TAG, PlanpipeResource
 from planpipe.ingest.lag import LagUnavailable, group_lag
-from planpipe.routing.topology import Topology
+from planpipe.topology import Topology
 
 
 def region_topic(region: str, topic: str) -> dg.AssetSpec:

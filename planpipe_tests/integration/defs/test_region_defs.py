@@ -14,9 +14,9 @@ from planpipe.defs.ingest.assets import ingest_micro_batches
 from planpipe.defs.regions.definitions import regional_defs
 from planpipe.defs.resources import REGION_TAG, PlanpipeResource
 from planpipe.routing.publish import PlanPublisher
-from planpipe.routing.topology import load_topology
 from planpipe.settings import Settings
 from planpipe.stack import kafka
+from planpipe.topology import load_topology
 from planpipe_tests.integration.workload import capture_plans, create_workload
 
 

@@ -16,9 +16,9 @@ from planpipe.ingest.engine import IngestEngine
 from planpipe.kafka_config import consumer_config
 from planpipe.routing.candidates import baseline_p95
 from planpipe.routing.publish import PlanPublisher
-from planpipe.routing.topology import load_topology, region_settings
 from planpipe.settings import Settings
 from planpipe.stack import kafka
+from planpipe.topology import load_topology, region_settings
 from planpipe_tests.integration.workload import capture_plans, create_workload
 
 

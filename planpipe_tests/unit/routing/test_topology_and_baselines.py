@@ -10,14 +10,14 @@ import pytest
 from planpipe.contract import Envelope, encode_envelope
 from planpipe.routing.candidates import BaselineLatencies
 from planpipe.routing.router import Router, RoutingConfig, RoutingDecision, ingest_route, route_for
-from planpipe.routing.topology import (
+from planpipe.settings import load_settings
+from planpipe.topology import (
     Topology,
     TopologyError,
     load_topology,
     parse_topology,
     region_settings,
 )
-from planpipe.settings import load_settings
 
 
 def _envelope(ms: float, cluster: str = "pg-eu-1", query: str = "q1", **extra: object) -> Envelope:

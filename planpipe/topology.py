@@ -24,11 +24,12 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
 
-from planpipe.settings import Settings
+if TYPE_CHECKING:  # settings.py applies PLANPIPE_REGION through this module
+    from planpipe.settings import Settings
 
 _REGION_NAME: Final = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 
@@ -76,7 +77,7 @@ class Topology:
             memo[cluster_id] = found
         return found
 
-    def topics(self, region: str | None, settings: Settings) -> tuple[str, str]:
+    def topics(self, region: str | None, settings: "Settings") -> tuple[str, str]:
         """(topic, DLQ topic) of a region; the base ones for None."""
         if region is None:
             return settings.topic, settings.dlq_topic
@@ -114,14 +115,14 @@ def _load(path: str, base_topic: str) -> Topology:
     return parse_topology(data, base_topic)
 
 
-def load_topology(settings: Settings, environ: Mapping[str, str] | None = None) -> Topology:
+def load_topology(settings: "Settings", environ: Mapping[str, str] | None = None) -> Topology:
     """The topology of PLANPIPE_TOPOLOGY_FILE (read once per process); empty when unset."""
     env = os.environ if environ is None else environ
     path = env.get("PLANPIPE_TOPOLOGY_FILE", "").strip()
     return _load(path, settings.topic) if path else Topology()
 
 
-def region_settings(settings: Settings, region: str, topology: Topology | None = None) -> Settings:
+def region_settings(settings: "Settings", region: str, topology: Topology | None = None) -> "Settings":
     """The settings of one region (from the base settings): its topics, consumer groups and Parquet directory."""
     if settings.region is not None:
         raise TopologyError(f"settings are already those of region {settings.region!r}")
@@ -137,7 +138,7 @@ def region_settings(settings: Settings, region: str, topology: Topology | None =
     )
 
 
-def apply_region(settings: Settings, environ: Mapping[str, str] | None = None) -> Settings:
+def apply_region(settings: "Settings", environ: Mapping[str, str] | None = None) -> "Settings":
     """PLANPIPE_REGION set: the region's settings; else `settings` unchanged."""
     env = os.environ if environ is None else environ
     region = env.get("PLANPIPE_REGION", "").strip()

@@ -9,6 +9,7 @@ endpoint serves from its own.
 import fcntl
 import logging
 import os
+import sys
 import threading
 import time
 import uuid
@@ -105,6 +106,12 @@ class Agent:
     def run(self) -> None:
         if self.config.http_port >= 0:
             self._http = server.serve(self.config.http_port, self.health)
+            port = self._http.server_port
+            print(
+                f"planpipe agent {self.name}: /metrics and /health on http://127.0.0.1:{port}",
+                file=sys.stderr,
+                flush=True,
+            )
         try:
             self.status = "recovering"
             self.recovery = recover(

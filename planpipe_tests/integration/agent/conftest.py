@@ -3,6 +3,7 @@
 import collections
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -24,6 +25,8 @@ from planpipe.stack import kafka
 from planpipe.stack import redis as redis_stack
 from planpipe_tests.integration.routing.kafka_read import read_all
 from planpipe_tests.unit.capture.logfmt import TS, jsonlog, plan_entry, plan_message
+
+_PORT = re.compile(r"/health on http://127\.0\.0\.1:(\d+)")
 
 
 def free_port() -> int:
@@ -75,24 +78,37 @@ class AgentProcess:
     state_dir: Path
     name: str
     args: list[str] = field(default_factory=list)
-    port: int = field(default_factory=free_port)
+    port: int = 0  # learnt from the agent's stderr: it binds a free port itself (no race for one)
     process: subprocess.Popen[bytes] | None = None
+    _stderr_offset: int = 0
 
     def start(self, **env: str) -> "AgentProcess":
         command = [sys.executable, "-m", "planpipe.cli", "agent", "--log", str(self.log), "--cluster-id", "test",
-                   "--name", self.name, "--state-dir", str(self.state_dir), "--http-port", str(self.port),
+                   "--name", self.name, "--state-dir", str(self.state_dir), "--http-port", "0",
                    "--poll-interval", "0.05", *self.args]  # fmt: skip
+        self.port = 0
+        self._stderr_offset = self.stderr_path.stat().st_size if self.stderr_path.exists() else 0
         with self.stderr_path.open("ab") as stderr:  # a file, not a pipe: a chatty agent never blocks on it
             self.process = subprocess.Popen(
                 command, env=environment(self.settings, **env), cwd=REPO_ROOT, stderr=stderr
             )
         return self
 
+    def _learn_port(self) -> bool:
+        if not self.port and self.stderr_path.exists():
+            with self.stderr_path.open("rb") as handle:
+                handle.seek(self._stderr_offset)
+                found = _PORT.search(handle.read().decode(errors="replace"))
+            self.port = int(found.group(1)) if found else 0
+        return bool(self.port)
+
     @property
     def stderr_path(self) -> Path:
         return self.state_dir.parent / f"{self.name}.stderr"
 
     def health(self) -> dict[str, Any] | None:
+        if not self._learn_port():
+            return None
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as response:
                 body: dict[str, Any] = json.loads(response.read())

@@ -5,6 +5,7 @@ pg_stat_statements as a non-superuser role, publishes; the ingest engine then
 commits the plans to PostgreSQL, each observation exactly once.
 """
 
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +19,6 @@ from psycopg.conninfo import make_conninfo
 from planpipe.contract import Envelope
 from planpipe.ingest.engine import IngestEngine
 from planpipe.settings import Settings, _with_database
-from planpipe_tests.integration.agent.conftest import captured
 from planpipe_tests.integration.routing.kafka_read import read_all
 
 AUTO_EXPLAIN = (
@@ -91,10 +91,15 @@ def test_agent_tails_the_server_log_and_samples_live_into_the_baseline_store(
     def on_topic() -> list[tuple[Envelope, dict[str, str]]]:
         return [(msgspec.json.decode(r.value, type=Envelope), r.headers) for r in read_all(settings, settings.topic)]
 
-    agent.wait_until(lambda h: captured(h, settings.topic) >= len(QUERIES) + 1, what="log plans and a sample")
-    records = on_topic()
-    logged = [e for e, _ in records if ours(e)]
-    sampled = [e for e, h in records if "/sample/" in h["planpipe-capture-id"]]
+    deadline = time.monotonic() + 60
+    while True:  # the log directory may hold older entries too: wait for this run's plans and a sample
+        records = on_topic()
+        logged = [e for e, _ in records if ours(e)]
+        sampled = [e for e, h in records if "/sample/" in h["planpipe-capture-id"]]
+        if len(logged) >= len(QUERIES) and sampled:
+            break
+        assert time.monotonic() < deadline, f"{len(logged)} logged, {len(sampled)} sampled: {agent.health()}"
+        time.sleep(0.5)
     assert sorted(e.query_text.split(" /*")[0] for e in logged if e.query_text) == sorted(QUERIES)
     assert sampled and sampled[0].query_text == SAMPLED and sampled[0].actual_rows == 1
     assert agent.stop() == 0

@@ -107,17 +107,21 @@ class AgentProcess:
         return self.state_dir.parent / f"{self.name}.stderr"
 
     def health(self) -> dict[str, Any] | None:
+        """The agent's /health (also when it answers 503); None while it cannot be asked."""
         if not self._learn_port():
             return None
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as response:
-                body: dict[str, Any] = json.loads(response.read())
-                return body
+                body = response.read()
         except urllib.error.HTTPError as error:
-            body = json.loads(error.read())
-            return body
+            body = error.read()
         except OSError:
             return None
+        try:
+            found: dict[str, Any] = json.loads(body)
+        except ValueError:
+            return None
+        return found
 
     def wait_until(self, predicate: Any, timeout_s: float = 60.0, what: str = "") -> dict[str, Any]:
         deadline = time.monotonic() + timeout_s

@@ -59,6 +59,7 @@ def environment(settings: Settings, **extra: str) -> dict[str, str]:
         "PLANPIPE_PG_DSN": settings.pg_dsn,
         "PLANPIPE_TOPIC": settings.topic,
         "PLANPIPE_DLQ_TOPIC": settings.dlq_topic,
+        "PLANPIPE_SPOOL_PATH": str(settings.spool_path),  # the test's own (an agent keeps its own in its state)
         "PLANPIPE_REDIS_URL": settings.redis_url,
         "PLANPIPE_LOG_LEVEL": "WARNING",
     }

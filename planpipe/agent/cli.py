@@ -67,7 +67,11 @@ def _agent(args: argparse.Namespace, settings: Settings) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: agent.stop.set())
     print(f"planpipe agent {agent.name}: cluster {cluster_id}, state {agent.state_dir}", file=sys.stderr, flush=True)
-    agent.run()
+    try:
+        agent.run()
+    except OSError as error:  # an unreadable log directory, a full disk under the state: one line, not a trace
+        print(f"planpipe agent {agent.name}: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -18,12 +18,12 @@ from planpipe.settings import Settings
 from planpipe.stack import redis as redis_stack
 
 # Scaled down from the runbook's sizes so the whole run stays well under a minute: one more ingest run
-# per 100 behind (the sensor's 20,000), 1 s sensor ticks, runs end after 2 s idle, the breaker opens
-# on the first breached batch (the runbook's 60 s would outlast the run), small pinned batches so the
-# outage's backlog spans several of them, a 1 s producer cool-down, and an agent lane whose spool
-# limit (20 rows) the outage passes.
+# per 25 behind (the sensor's 20,000; with 100, a loaded CI run never reached the limit), 1 s sensor
+# ticks, runs end after 2 s idle, the breaker opens on the first breached batch (the runbook's 60 s
+# would outlast the run), small pinned batches so the outage's backlog spans several of them, a 1 s
+# producer cool-down, and an agent lane whose spool limit (20 rows) the outage passes.
 CI = LoadtestConfig(
-    rate=40.0, factor=2.0, duration_s=12.0, max_runs=2, lag_per_run=100, sensor_interval_s=1.0, idle_s=2.0,
+    rate=40.0, factor=2.0, duration_s=12.0, max_runs=2, lag_per_run=25, sensor_interval_s=1.0, idle_s=2.0,
     breaker_window_s=0.0, outage_s=2.0, producer_cooldown_s=1.0, batch_max_messages=100, settle_timeout_s=60.0,
     agent_rate=10.0, agent_spool_rows=20,
 )  # fmt: skip

@@ -21,7 +21,6 @@ import pytest
 from planpipe.agent.ledger import H_CAPTURE_ID
 from planpipe.capture.autoexplain import LogFormat
 from planpipe.settings import REPO_ROOT, Settings
-from planpipe.stack import kafka
 from planpipe.stack import redis as redis_stack
 from planpipe_tests.integration.routing.kafka_read import read_all
 from planpipe_tests.unit.capture.logfmt import TS, jsonlog, plan_entry, plan_message
@@ -200,23 +199,3 @@ def redis_server(stack_settings: Settings, tmp_path_factory: pytest.TempPathFact
         yield settings
     finally:
         redis_stack.stop(settings)
-
-
-@pytest.fixture(scope="module")
-def private_broker(stack_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
-    """A broker of the module's own: the tests stop it (the session's broker stays up for the others)."""
-    if stack_settings.kafka_external:
-        pytest.skip("needs a local broker it may stop (PLANPIPE_KAFKA_BOOTSTRAP points elsewhere)")
-    port, controller = free_port(), free_port()
-    settings = replace(
-        stack_settings,
-        home=tmp_path_factory.mktemp("agent-kafka"),
-        kafka_port=port,
-        kafka_controller_port=controller,
-        kafka_bootstrap=f"127.0.0.1:{port}",
-    )
-    try:
-        kafka.start(settings)
-        yield settings
-    finally:
-        kafka.stop(settings)

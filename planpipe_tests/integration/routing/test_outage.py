@@ -7,11 +7,9 @@ own (separate home, ports and data dir) and stop it in the middle of a publish.
 import collections
 import itertools
 import logging
-import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -31,32 +29,6 @@ KEYS = 12
 TOTAL = 4000
 RATE_PER_S = 200.0  # 20 s of publishing: before, during and after the outage
 MALFORMED_EVERY = 500
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-@pytest.fixture(scope="module")
-def private_broker(stack_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
-    if stack_settings.kafka_external:
-        pytest.skip("needs a local broker it may stop (PLANPIPE_KAFKA_BOOTSTRAP points elsewhere)")
-    port, controller = _free_port(), _free_port()
-    settings = replace(
-        stack_settings,
-        home=tmp_path_factory.mktemp("private-kafka"),
-        kafka_port=port,
-        kafka_controller_port=controller,
-        kafka_bootstrap=f"127.0.0.1:{port}",
-    )
-    try:
-        kafka.start(settings)
-        yield settings
-    finally:
-        kafka.stop(settings)
 
 
 @pytest.fixture

@@ -162,7 +162,7 @@ def test_ctrl_c_stops_dev_within_15s_leaving_nothing_and_the_run_canceled(
             "SELECT coalesce(sum(consumed), 0) FROM planpipe.ingest_batches WHERE consumer_group = %s",
             (dev_settings.consumer_group,),
         ).fetchone()
-    assert committed is not None and int(committed[0]) > 0  # type: ignore[call-overload]
+    assert committed is not None and int(committed[0]) > 0
 
 
 def test_a_stuck_ingest_run_is_replaced_and_the_progress_check_fails(
@@ -199,7 +199,7 @@ def test_a_stuck_ingest_run_is_replaced_and_the_progress_check_fails(
                 first.run_id, of_type=dg.DagsterEventType.ASSET_OBSERVATION
             ).records
             verdicts = [
-                o.event_log_entry.asset_observation.metadata["ingest_progress"].value  # type: ignore[union-attr]
+                o.event_log_entry.asset_observation.metadata["ingest_progress"].value
                 for o in observations
                 if o.event_log_entry.asset_observation is not None
                 and "ingest_progress" in o.event_log_entry.asset_observation.metadata

@@ -123,7 +123,8 @@ def test_end_to_end_counts_and_baselines(settings: Settings, real_plans: dict[st
             "SELECT status, count(*) FROM planpipe.plan_baselines WHERE cluster_id LIKE %s GROUP BY 1",
             (prefix + "-%",),
         ).fetchall()
-        assert dict(statuses).get("accepted") == len({(e.cluster_id, e.query_hash) for e in envelopes})
+        by_status = {status: n for status, n in statuses}
+        assert by_status.get("accepted") == len({(e.cluster_id, e.query_hash) for e in envelopes})
 
 
 def _run_ingest(

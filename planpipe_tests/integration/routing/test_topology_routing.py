@@ -34,9 +34,10 @@ def _clusters_on(settings: Settings, topic: str) -> list[str]:
         deadline = time.monotonic() + 30
         while len(done) < len(wanted) and time.monotonic() < deadline:
             for message in consumer.consume(100, 1.0):
-                if message.error() is None:
-                    clusters.append(json.loads(message.value())["cluster_id"])
-                elif message.error().code() == KafkaError._PARTITION_EOF:
+                error, value = message.error(), message.value()
+                if error is None and value is not None:
+                    clusters.append(json.loads(value)["cluster_id"])
+                elif error is not None and error.code() == KafkaError._PARTITION_EOF:
                     done.add(message.partition())
         return clusters
     finally:

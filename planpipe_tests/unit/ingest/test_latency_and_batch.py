@@ -39,7 +39,7 @@ class Record:
     def key(self) -> bytes:
         return self._key
 
-    def headers(self) -> list[tuple[str, bytes]]:
+    def headers(self) -> list[tuple[str, str | bytes | None]]:
         return [("trace-id", b"t-header")]
 
     def topic(self) -> str:

@@ -173,6 +173,7 @@ Key = tuple[str, str, str, str]
 
 def brute_force(frame: pl.DataFrame, baselines: dict[tuple[str, str], str], config: DetectionConfig) -> set[Key]:
     """Every comparison tested exactly, no screening."""
+    assert config.window_hours is not None, "brute force compares fixed windows"
     window, lookback = END - config.window_hours * HOUR, END - config.lookback_hours * HOUR
     ts = pl.col("execution_timestamp")
     frame = frame.filter(ts >= lookback, ts <= END)

@@ -31,7 +31,7 @@ class Series:
         for ms in self.rng.lognormal(np.log(median), 0.1, n):
             known = blocks is not None
             self.rows.append({"cluster_id": cluster, "query_hash": query, "fingerprint": fp, "execution_timestamp": t,
-                              "total_time_ms": float(ms), "shared_blocks": int(blocks) if known else None,
+                              "total_time_ms": float(ms), "shared_blocks": None if blocks is None else int(blocks),
                               "temp_blocks": 0, "top_rows": 10.0 if known else None, "top_loops": 1})  # fmt: skip
             t += STEP
         self.clock[(cluster, query)] = t

@@ -5,7 +5,8 @@ Engine code, free of Dagster: asset checks and the nightly drift job call
 `to_markdown()` into check metadata. GX itself is imported on first use.
 """
 
-from planpipe.quality.drift import DriftFinding, DriftReport, detect_drift
+from planpipe.quality.drift import detect_drift
+from planpipe.quality.drift_report import DriftFinding, DriftReport
 from planpipe.quality.suites import FailedExpectation, SuiteResult, validate_observations
 
 __all__ = [

@@ -3,8 +3,8 @@
 The runbook asks for a nightly diff between the message schema and the baseline
 store DDL that alerts on type mismatches and dropped required fields. Here the
 three places a field lives are compared through one explicit mapping,
-`FIELD_MAP` (contract field → Parquet column → PostgreSQL columns), plus the
-PostgreSQL columns that belong to the store itself (`POSTGRES_OWN`):
+`field_map.FIELD_MAP` (contract field → Parquet column → PostgreSQL columns), plus the
+PostgreSQL columns that belong to the store itself (`field_map.POSTGRES_OWN`):
 
 1. contract ↔ declared Parquet schema (`parquet_sink.SCHEMA`): pure Python on
    `msgspec.inspect` of `Envelope`;
@@ -14,16 +14,16 @@ PostgreSQL columns that belong to the store itself (`POSTGRES_OWN`):
    frame (which columns are unknown, which expected ones are absent, which
    differ in type or nullability).
 
-Each difference is a `DriftFinding`: `source_a` is where the expectation comes
+Each difference is a `DriftFinding` (`drift_report.py`): `source_a` is where the expectation comes
 from, `source_b` where the deviation was found.
 """
 
 import hashlib
 import time
 from collections.abc import Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any
 
 import msgspec
 import polars as pl
@@ -31,314 +31,28 @@ import psycopg
 
 from planpipe.contract import Envelope
 from planpipe.ingest.parquet_sink import PARTITION_COLUMNS, SCHEMA
+from planpipe.quality.drift_report import DriftFinding, DriftReport, Kind
+from planpipe.quality.field_map import (
+    FIELD_MAP,
+    PG_SCHEMA,
+    TRACKED_TABLES,
+    FieldMapping,
+    PgColumn,
+    Source,
+    describe,
+    expected_postgres_columns,
+    origin_of,
+    signature_of,
+)
 from planpipe.quality.suites import (
     REQUIRED_COLUMNS,
     DType,
-    MetadataValue,
     Outcome,
-    Plain,
     gx_expectations,
     gx_type_name,
     run_suite,
 )
 from planpipe.settings import Settings
-
-Source = Literal["contract", "parquet_schema", "parquet_files", "postgres", "mapping"]
-Kind = Literal["missing", "extra", "type_mismatch", "nullability"]
-
-PG_SCHEMA: Final = "planpipe"
-
-# -- the expected mapping --------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PgColumn:
-    """A column of a planpipe table as `information_schema.columns` shows it."""
-
-    table: str
-    column: str
-    data_type: str  # information_schema.columns.data_type, e.g. "text", "double precision"
-    nullable: bool
-    how: str = "copied"  # how the value gets there from its source field
-
-    @property
-    def key(self) -> str:
-        return f"{self.table}.{self.column}"
-
-    @property
-    def signature(self) -> str:
-        return _signature(self.table, self.column, self.data_type, self.nullable)
-
-
-def _signature(table: str, column: str, data_type: str, nullable: bool) -> str:
-    return f"{table}.{column}:{data_type}:{'null' if nullable else 'not null'}"
-
-
-@dataclass(frozen=True)
-class FieldMapping:
-    """Where one observation field is stored.
-
-    `field` is the Envelope field (None: derived by the engine); `contract_type`
-    its declared Python type ("str", "float", "int"); `parquet` the column of
-    `parquet_sink.SCHEMA` it lands in (None: not stored as such), with its polars
-    type; `filled_at_ingest`: optional in the contract, yet never null in Parquet
-    because the engine fills it.
-    """
-
-    field: str | None
-    contract_type: str | None
-    parquet: str | None
-    parquet_type: DType | None
-    postgres: tuple[PgColumn, ...] = ()
-    filled_at_ingest: bool = False
-    note: str = ""
-
-
-TEXT, F8, I4, I8, NUM, JSONB, TSTZ = (
-    "text",
-    "double precision",
-    "integer",
-    "bigint",
-    "numeric",
-    "jsonb",
-    "timestamp with time zone",
-)
-_KEYED = ("query_catalog", "plan_baselines", "plan_rollups_hourly")
-
-FIELD_MAP: Final[tuple[FieldMapping, ...]] = (
-    FieldMapping(
-        "query_hash", "str", "query_hash", pl.String, tuple(PgColumn(t, "query_hash", TEXT, False) for t in _KEYED)
-    ),
-    FieldMapping(
-        "cluster_id", "str", "cluster_id", pl.String, tuple(PgColumn(t, "cluster_id", TEXT, False) for t in _KEYED)
-    ),
-    FieldMapping(
-        "execution_timestamp",
-        "float",
-        "execution_timestamp",
-        pl.Float64,
-        (
-            PgColumn("query_catalog", "first_seen", TSTZ, False, "min, epoch s → timestamptz"),
-            PgColumn("query_catalog", "last_seen", TSTZ, False, "max, epoch s → timestamptz"),
-            PgColumn("plan_baselines", "first_seen", TSTZ, False, "min, epoch s → timestamptz"),
-            PgColumn("plan_baselines", "last_seen", TSTZ, False, "max, epoch s → timestamptz"),
-            PgColumn("plan_rollups_hourly", "hour", TSTZ, False, "truncated to the hour"),
-        ),
-    ),
-    FieldMapping(
-        "plan_text",
-        "str",
-        "plan_text",
-        pl.String,
-        (
-            PgColumn("plan_catalog", "sample_plan_text", TEXT, False, "first observation of a new fingerprint"),
-            PgColumn("plan_catalog", "normalized_plan", JSONB, False, "normalized tree"),
-            PgColumn("plan_catalog", "summary", TEXT, False, "one-line summary of the tree"),
-        ),
-    ),
-    FieldMapping(
-        "actual_rows",
-        "int",
-        "actual_rows",
-        pl.Int64,
-        (
-            PgColumn("plan_baselines", "rows_sum", NUM, False, "sum (numeric: a sum of int64 can overflow bigint)"),
-            PgColumn("plan_rollups_hourly", "rows_sum", NUM, False, "sum per hour"),
-        ),
-    ),
-    FieldMapping(
-        "total_time_ms",
-        "float",
-        "total_time_ms",
-        pl.Float64,
-        (
-            PgColumn("plan_baselines", "total_time_sum", F8, False, "sum"),
-            PgColumn("plan_baselines", "total_time_min", F8, False, "min"),
-            PgColumn("plan_baselines", "total_time_max", F8, False, "max"),
-            PgColumn("plan_baselines", "latency_hist", JSONB, False, "log-scale histogram"),
-            PgColumn("plan_rollups_hourly", "total_time_sum", F8, False, "sum per hour"),
-            PgColumn("plan_rollups_hourly", "latency_hist", JSONB, False, "log-scale histogram per hour"),
-        ),
-    ),
-    FieldMapping(
-        "query_type",
-        "str",
-        "query_type",
-        pl.String,
-        (PgColumn("query_catalog", "query_type", TEXT, True, "first non-null"),),
-    ),
-    FieldMapping(
-        "query_text",
-        "str",
-        "query_text",
-        pl.String,
-        (PgColumn("query_catalog", "query_text", TEXT, True, "first non-null"),),
-    ),
-    FieldMapping("trace_id", "str", "trace_id", pl.String, note="Parquet only (falls back to the trace header)"),
-    FieldMapping(
-        "published_at",
-        "float",
-        "published_at",
-        pl.Float64,
-        (
-            PgColumn("ingest_batches", "p50_latency_ms", F8, True, "publish → commit latency, p50 per batch"),
-            PgColumn("ingest_batches", "p95_latency_ms", F8, True, "publish → commit latency, p95 per batch"),
-            PgColumn("ingest_batches", "max_latency_ms", F8, True, "publish → commit latency, max per batch"),
-        ),
-        note="Kafka CreateTime when the agent did not stamp it",
-    ),
-    FieldMapping("route_tag", "str", None, None, note="resolved with the routing rules into `route`"),
-    FieldMapping(
-        "priority", "str", "priority", pl.String, filled_at_ingest=True, note="defaults to the key's priority"
-    ),
-    # Derived by the engine, not in the contract.
-    FieldMapping(
-        None,
-        None,
-        "fingerprint",
-        pl.String,
-        (
-            PgColumn("plan_catalog", "fingerprint", TEXT, False),
-            PgColumn("plan_baselines", "fingerprint", TEXT, False),
-            PgColumn("plan_rollups_hourly", "fingerprint", TEXT, False),
-        ),
-        note="of the normalized plan",
-    ),
-    FieldMapping(None, None, "route", pl.String, (PgColumn("plan_rollups_hourly", "route", TEXT, False),)),
-    FieldMapping(None, None, "kafka_topic", pl.String, (PgColumn("consumer_offsets", "topic", TEXT, False),)),
-    FieldMapping(None, None, "kafka_partition", pl.Int32, (PgColumn("consumer_offsets", "partition", I4, False),)),
-    FieldMapping(
-        None,
-        None,
-        "kafka_offset",
-        pl.Int64,
-        (
-            PgColumn("consumer_offsets", "next_offset", I8, False, "last offset of the batch + 1"),
-            PgColumn("ingest_batches", "offset_ranges", JSONB, False, "first/last per partition"),
-        ),
-    ),
-    FieldMapping(None, None, "ingested_at", pl.Datetime("us", "UTC")),
-    # The plan's work, read from plan_text (planpipe.plans.work); null when the plan lacks BUFFERS/ANALYZE.
-    FieldMapping(None, None, "shared_blocks", pl.Int64, note="top node's shared hit + read blocks"),
-    FieldMapping(None, None, "temp_blocks", pl.Int64, note="top node's temp read + written blocks"),
-    FieldMapping(None, None, "top_rows", pl.Float64, note="top node's actual rows"),
-    FieldMapping(None, None, "top_loops", pl.Int64, note="top node's actual loops"),
-)
-
-# Columns of the planpipe tables that no observation field feeds.
-POSTGRES_OWN: Final[tuple[PgColumn, ...]] = (
-    PgColumn("plan_catalog", "first_seen", TSTZ, False, "default now()"),
-    PgColumn("plan_baselines", "plan_version", I4, False, "numbered per query"),
-    PgColumn("plan_baselines", "status", TEXT, False, "accepted/candidate/rejected"),
-    PgColumn("plan_baselines", "status_by", TEXT, True),
-    PgColumn("plan_baselines", "status_at", TSTZ, True),
-    PgColumn("plan_baselines", "executions", I8, False, "count"),
-    PgColumn("plan_rollups_hourly", "executions", I8, False, "count per hour"),
-    PgColumn("consumer_offsets", "consumer_group", TEXT, False),
-    PgColumn("consumer_offsets", "updated_at", TSTZ, False),
-    PgColumn("ingest_batches", "batch_id", I8, False, "bigserial"),
-    PgColumn("ingest_batches", "consumer_group", TEXT, False),
-    PgColumn("ingest_batches", "committed_at", TSTZ, False),
-    PgColumn("ingest_batches", "consumed", I4, False),
-    PgColumn("ingest_batches", "valid", I4, False),
-    PgColumn("ingest_batches", "dlq", I4, False),
-    PgColumn("ingest_batches", "dropped_low", I4, False),
-    PgColumn("ingest_batches", "lock_wait_ms", F8, False),
-    PgColumn("ingest_batches", "duration_ms", F8, False),
-    PgColumn("ingest_batches", "parquet_files", JSONB, False),
-)
-
-
-def expected_postgres_columns(
-    mapping: Sequence[FieldMapping] = FIELD_MAP, own: Sequence[PgColumn] = POSTGRES_OWN
-) -> dict[str, tuple[PgColumn, Source]]:
-    """`table.column` → (expected column, where its data comes from)."""
-    expected: dict[str, tuple[PgColumn, Source]] = {}
-    for entry in mapping:
-        origin: Source = "contract" if entry.field is not None else "parquet_schema"
-        for column in entry.postgres:
-            if column.key in expected:
-                raise ValueError(f"{column.key} is mapped twice")
-            expected[column.key] = (column, origin)
-    for column in own:
-        if column.key in expected:
-            raise ValueError(f"{column.key} is mapped twice")
-        expected[column.key] = (column, "mapping")
-    return expected
-
-
-TRACKED_TABLES: Final = tuple(sorted({c.table for c, _ in expected_postgres_columns().values()}))
-
-# -- findings --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DriftFinding:
-    source_a: Source
-    source_b: Source
-    column: str
-    kind: Kind
-    detail: str
-
-    def to_plain(self) -> dict[str, Plain]:
-        return {
-            "source_a": self.source_a,
-            "source_b": self.source_b,
-            "column": self.column,
-            "kind": self.kind,
-            "detail": self.detail,
-        }
-
-
-@dataclass(frozen=True)
-class DriftReport:
-    findings: tuple[DriftFinding, ...]
-    contract_fields: int
-    parquet_columns: int
-    parquet_files: tuple[str, ...]
-    postgres_schema: str
-    postgres_columns: int
-    duration_ms: float
-    notes: tuple[str, ...] = field(default=())
-
-    @property
-    def ok(self) -> bool:
-        return not self.findings
-
-    def to_markdown(self) -> str:
-        head = (
-            f"**Schema drift: {'none' if self.ok else f'{len(self.findings)} finding(s)'}** — "
-            f"contract {self.contract_fields} fields, Parquet {self.parquet_columns} columns "
-            f"({len(self.parquet_files)} newest file(s) read), PostgreSQL `{self.postgres_schema}` "
-            f"{self.postgres_columns} columns ({self.duration_ms:.0f} ms)"
-        )
-        lines = [head]
-        lines += [f"- {note}" for note in self.notes]
-        if self.findings:
-            lines += ["", "| kind | column | expected by | found in | detail |", "| --- | --- | --- | --- | --- |"]
-            lines += [
-                f"| {f.kind} | `{f.column}` | {f.source_a} | {f.source_b} | {f.detail.replace('|', '/')} |"
-                for f in self.findings
-            ]
-        return "\n".join(lines)
-
-    def to_metadata(self) -> dict[str, MetadataValue]:
-        counts = {kind: sum(f.kind == kind for f in self.findings) for kind in _KINDS}
-        return {
-            "ok": self.ok,
-            "findings": [f.to_plain() for f in self.findings],
-            "finding_count": len(self.findings),
-            **{f"{kind}_count": n for kind, n in counts.items()},
-            "contract_fields": self.contract_fields,
-            "parquet_columns": self.parquet_columns,
-            "parquet_files_checked": len(self.parquet_files),
-            "postgres_schema": self.postgres_schema,
-            "postgres_columns": self.postgres_columns,
-            "drift_ms": round(self.duration_ms, 2),
-        }
-
-
-_KINDS: Final[tuple[Kind, ...]] = ("missing", "extra", "type_mismatch", "nullability")
 
 # -- 1. contract ↔ declared Parquet schema (pure) ----------------------------------------------
 
@@ -627,7 +341,7 @@ def compare_postgres(
     frame = pl.DataFrame(
         {
             "key": [f"{o.table}.{o.column}" for o in observed],
-            "signature": [_signature(o.table, o.column, o.data_type, o.nullable) for o in observed],
+            "signature": [signature_of(o.table, o.column, o.data_type, o.nullable) for o in observed],
         },
         schema={"key": pl.String, "signature": pl.String},
     )
@@ -654,7 +368,7 @@ def compare_postgres(
                 spec, origin = expected[key]
                 findings.append(
                     DriftFinding(
-                        origin, "postgres", key, "missing", f"expected {_describe(spec)}; the column does not exist"
+                        origin, "postgres", key, "missing", f"expected {describe(spec)}; the column does not exist"
                     )
                 )
         elif outcome.column == "key":
@@ -683,7 +397,7 @@ def compare_postgres(
                             "postgres",
                             key,
                             "type_mismatch",
-                            f"expected {spec.data_type} ({_how(spec)}), found {o.data_type}",
+                            f"expected {spec.data_type} ({origin_of(spec)}), found {o.data_type}",
                         )
                     )
                 if o.nullable != spec.nullable:
@@ -693,7 +407,7 @@ def compare_postgres(
                             "postgres",
                             key,
                             "nullability",
-                            f"expected {'null' if spec.nullable else 'NOT NULL'} ({_how(spec)}), found "
+                            f"expected {'null' if spec.nullable else 'NOT NULL'} ({origin_of(spec)}), found "
                             f"{'null' if o.nullable else 'NOT NULL'}",
                         )
                     )
@@ -711,18 +425,6 @@ def _catalog_expectations(keys: Sequence[str], signatures: Sequence[str]) -> lis
         gxe.ExpectColumnValuesToBeInSet(column="signature", value_set=list(signatures)),
         gxe.ExpectColumnValuesToBeUnique(column="key"),
     ]
-
-
-def _describe(spec: PgColumn) -> str:
-    return f"{spec.data_type} {'null' if spec.nullable else 'NOT NULL'} ({_how(spec)})"
-
-
-def _how(spec: PgColumn) -> str:
-    source = next((m for m in FIELD_MAP if spec in m.postgres), None)
-    if source is None:
-        return spec.how
-    origin = f"contract `{source.field}`" if source.field else f"derived `{source.parquet}`"
-    return f"{origin}, {spec.how}"
 
 
 def _as_list(value: object) -> list[object]:
@@ -772,14 +474,3 @@ def detect_drift(
         duration_ms=(time.perf_counter() - started) * 1000,
         notes=tuple(notes),
     )
-
-
-def mapping_markdown(mapping: Sequence[FieldMapping] = FIELD_MAP) -> str:
-    """The expected mapping as a table (for asset descriptions and docs)."""
-    lines = ["| contract field | Parquet column | PostgreSQL |", "| --- | --- | --- |"]
-    for m in mapping:
-        contract = f"`{m.field}` ({m.contract_type})" if m.field else "(derived)"
-        parquet = f"`{m.parquet}` {m.parquet_type}" if m.parquet else "—"
-        pg = "<br>".join(f"`{c.key}` {c.data_type} ({c.how})" for c in m.postgres) or "—"
-        lines.append(f"| {contract} | {parquet} | {pg} |")
-    return "\n".join(lines)

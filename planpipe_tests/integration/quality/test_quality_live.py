@@ -13,7 +13,9 @@ import pytest
 from planpipe.contract import Envelope
 from planpipe.ingest import parquet_sink
 from planpipe.ingest.engine import IngestEngine
-from planpipe.quality.drift import TRACKED_TABLES, DriftReport, detect_drift
+from planpipe.quality.drift import detect_drift
+from planpipe.quality.drift_report import DriftReport
+from planpipe.quality.field_map import TRACKED_TABLES
 from planpipe.quality.suites import validate_observations
 from planpipe.settings import Settings
 from planpipe_tests.integration.workload import make_envelopes, publish

@@ -1,6 +1,5 @@
 """Drift comparison logic on fabricated contracts, schemas, files and catalog rows."""
 
-import re
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
@@ -9,22 +8,19 @@ import msgspec
 import polars as pl
 import pytest
 
-from planpipe.contract import REQUIRED_FIELDS, Envelope
-from planpipe.db.migrate import migrations_dir
+from planpipe.contract import REQUIRED_FIELDS
 from planpipe.ingest import parquet_sink
 from planpipe.quality import drift
 from planpipe.quality.drift import (
-    FIELD_MAP,
     ContractField,
-    DriftFinding,
-    DriftReport,
     ObservedColumn,
     compare_contract_to_parquet,
     compare_parquet_files,
     compare_postgres,
     contract_fields,
-    expected_postgres_columns,
 )
+from planpipe.quality.drift_report import DriftFinding, DriftReport
+from planpipe.quality.field_map import expected_postgres_columns
 from planpipe.quality.suites import REQUIRED_COLUMNS
 from planpipe_tests.unit.quality.helpers import ROWS, observations
 
@@ -33,38 +29,6 @@ pytestmark = pytest.mark.unit
 
 def kinds(findings: list[DriftFinding]) -> set[tuple[str, str, str, str]]:
     return {(f.source_a, f.source_b, f.column, f.kind) for f in findings}
-
-
-# -- the mapping itself ------------------------------------------------------------------------
-
-
-def test_mapping_covers_every_parquet_column_and_contract_field() -> None:
-    assert {m.parquet for m in FIELD_MAP if m.parquet} == set(parquet_sink.SCHEMA)
-    assert {m.field for m in FIELD_MAP if m.field} == set(Envelope.__struct_fields__)
-    for m in FIELD_MAP:
-        if m.parquet is not None:
-            assert m.parquet_type == parquet_sink.SCHEMA[m.parquet], m
-
-
-def test_mapping_covers_the_tables_of_the_core_migration() -> None:
-    ddl = (migrations_dir() / "001_core.sql").read_text()
-    created = set(re.findall(r"CREATE TABLE (\w+)", ddl))
-    assert set(drift.TRACKED_TABLES) == created
-    for table in created:
-        body = ddl.split(f"CREATE TABLE {table} (", 1)[1].split(");", 1)[0]
-        columns = {
-            line.split()[0]
-            for line in body.splitlines()
-            if line.strip() and not line.strip().startswith(("PRIMARY", "--", "CHECK", "REFERENCES"))
-        }
-        mapped = {key.split(".", 1)[1] for key in expected_postgres_columns() if key.startswith(f"{table}.")}
-        assert mapped == columns, table
-
-
-def test_a_column_mapped_twice_is_refused() -> None:
-    twice = (*FIELD_MAP, replace(FIELD_MAP[0], field="again"))
-    with pytest.raises(ValueError, match="mapped twice"):
-        expected_postgres_columns(twice)
 
 
 # -- 1. contract ↔ declared Parquet schema -----------------------------------------------------
@@ -267,9 +231,3 @@ def test_report_markdown_and_metadata() -> None:
     assert meta["findings"] == [finding.to_plain()]
     clean = DriftReport((), 12, 17, (), "planpipe", 54, 1.0)
     assert clean.ok and "Schema drift: none" in clean.to_markdown()
-
-
-def test_mapping_markdown_lists_every_field() -> None:
-    text = drift.mapping_markdown()
-    for m in FIELD_MAP:
-        assert (m.field or m.parquet or "") in text

@@ -4,7 +4,6 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
-from pathlib import Path
 
 import polars as pl
 import psycopg
@@ -169,6 +168,14 @@ def test_kill_9_at_each_step_loses_nothing_and_counts_nothing_twice(
     assert {header_map(m.headers())[H_SOURCE_OFFSET] for m in dead}.__len__() == 3
 
 
+def _committed_batches(settings: Settings) -> int:
+    with psycopg.connect(settings.pg_dsn) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM planpipe.ingest_batches WHERE consumer_group = %s", (settings.consumer_group,)
+        ).fetchone()
+    return 0 if row is None else int(row[0])
+
+
 def test_rebalance_two_consumers_one_leaves(settings: Settings, real_plans: dict[str, str]) -> None:
     prefix = _prefix(settings)
     envelopes = make_envelopes(real_plans, 6000, prefix, seed=5)
@@ -176,7 +183,12 @@ def test_rebalance_two_consumers_one_leaves(settings: Settings, real_plans: dict
     env = settings_env(settings)
     command = [sys.executable, "-m", "planpipe.cli", "ingest", "--quiet", "--max-messages", "50"]
     leaver = subprocess.Popen([*command, "--max-seconds", "8"], env=env, stdout=subprocess.PIPE, text=True)
-    time.sleep(2)
+    # The stayer joins once the leaver is consuming (its first batch committed), so the group rebalances
+    # twice: when the stayer joins and when the leaver leaves.
+    deadline = time.monotonic() + 60
+    while _committed_batches(settings) == 0 and leaver.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _committed_batches(settings) > 0, "the leaving consumer never committed a batch"
     stayer = subprocess.Popen([*command, "--until-caught-up", "--max-seconds", "150"], env=env,
                               stdout=subprocess.PIPE, text=True)  # fmt: skip
     leaver_out, _ = leaver.communicate(timeout=120)
@@ -191,21 +203,3 @@ def test_rebalance_two_consumers_one_leaves(settings: Settings, real_plans: dict
     assert stored_baselines(settings.pg_dsn, prefix) == expected_baselines(envelopes)
     assert parquet_rows(settings).height == len(envelopes)
     assert set(partition_lag(settings).values()) == {0}
-
-
-def test_replayed_batch_rewrites_the_same_file(tmp_path: Path) -> None:
-    from planpipe.ingest.batch import Observations
-
-    obs = Observations(
-        query_hash=["q"], cluster_id=["c"], execution_timestamp=[1_790_000_000.0], plan_text=["[]"],
-        actual_rows=[1], total_time_ms=[2.0], query_type=[None], query_text=[None], trace_id=[None],
-        published_at=[1_790_000_000.0], fingerprint=["f"], route=["baseline"], priority=["standard"],
-        kafka_topic=["t"], kafka_partition=[0], kafka_offset=[5],
-        shared_blocks=[None], temp_blocks=[None], top_rows=[None], top_loops=[None],
-    )  # fmt: skip
-    first = parquet_sink.write_batch(tmp_path, obs, [("t", 0, 5, 9)])
-    second = parquet_sink.write_batch(tmp_path, obs, [("t", 0, 5, 9)])
-    assert [f.path for f in first] == [f.path for f in second]
-    assert parquet_sink.scan(tmp_path).collect().height == 1
-    assert parquet_sink.discard_uncommitted(tmp_path, "t", 0, 10) == []
-    assert parquet_sink.discard_uncommitted(tmp_path, "t", 0, 5) == [first[0].path]

@@ -1,6 +1,10 @@
 """How many ingest runs the lag sensor launches: backlog share, standing minimum, the limit."""
 
+import pytest
+
 from planpipe.defs.ingest.sensors import runs_to_launch, wanted_runs
+
+pytestmark = pytest.mark.unit
 
 
 def test_wanted_runs_respects_the_limit() -> None:

@@ -118,3 +118,11 @@ def planpipe_resource(settings: Settings) -> "PlanpipeResource":
         ingest_idle_s=0,
         replay_interval_s=0,
     )
+
+
+@pytest.fixture
+def dagster_resources(settings: Settings, planpipe_resource: "PlanpipeResource") -> dict[str, object]:
+    """Every resource the code location binds, pointed at this test's stack, topics and groups."""
+    from planpipe.defs.resources import PostgresResource
+
+    return {"planpipe": planpipe_resource, "postgres": PostgresResource(dsn=settings.pg_dsn)}

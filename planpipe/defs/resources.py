@@ -2,12 +2,16 @@
 
 Connection details come from the environment (`planpipe.settings`); in
 production set PLANPIPE_KAFKA_BOOTSTRAP / PLANPIPE_PG_DSN and nothing is started.
+`PlanpipeResource` carries the engine settings; `PostgresResource` hands checks and
+sensors their PostgreSQL connections (they never call `psycopg.connect` themselves).
 """
 
 import os
 from dataclasses import replace
 
 import dagster as dg
+import psycopg
+from pydantic import PrivateAttr
 
 from planpipe.settings import Settings, load_settings
 from planpipe.topology import region_settings
@@ -33,10 +37,14 @@ class PlanpipeResource(dg.ConfigurableResource):  # type: ignore[type-arg]
     ingest_idle_s: float = 120.0
     # Lag > 0 and no committed batch for this long: the run is stuck (watchdog, check, sensor).
     ingest_stall_after_s: float = 60.0
+    # The environment is read once per resource instance (Dagster builds one per run or tick).
+    _environment: list[Settings] = PrivateAttr(default_factory=list)
 
     def settings(self, region: str | None = None) -> Settings:
         """The code location's settings; with `region`, those of that region of the topology."""
-        base = load_settings()
+        if not self._environment:
+            self._environment.append(load_settings())
+        base = self._environment[0]
         if base.region is not None:
             # A regional code location (PLANPIPE_REGION): its topics and groups derive from the same
             # environment; the fields would put the base topics back.
@@ -49,6 +57,25 @@ class PlanpipeResource(dg.ConfigurableResource):  # type: ignore[type-arg]
             replay_group=self.replay_group or base.replay_group,
         )
         return own if region is None else region_settings(own, region)
+
+
+class PostgresResource(dg.ConfigurableResource):  # type: ignore[type-arg]
+    """planpipe's PostgreSQL (baseline store and operations tables)."""
+
+    # None: the local stack's database (PLANPIPE_PG_PORT), as `planpipe.settings` derives it.
+    dsn: str | None = None
+    connect_timeout_s: int = 10
+    _local_dsn: list[str] = PrivateAttr(default_factory=list)
+
+    def connect(
+        self, *, autocommit: bool = False, timeout_s: int | None = None
+    ) -> psycopg.Connection[tuple[object, ...]]:
+        """A new connection; use it as a context manager (commits on success, closes on exit).
+        `timeout_s` overrides the connect timeout (sensors keep theirs short to stay within a tick)."""
+        if self.dsn is None and not self._local_dsn:
+            self._local_dsn.append(load_settings().pg_dsn)
+        dsn = self.dsn if self.dsn is not None else self._local_dsn[0]
+        return psycopg.connect(dsn, autocommit=autocommit, connect_timeout=timeout_s or self.connect_timeout_s)
 
 
 def _env_int(name: str, default: int) -> int:
@@ -80,3 +107,7 @@ def planpipe_resource() -> PlanpipeResource:
         replay_interval_s=_env_float("PLANPIPE_REPLAY_INTERVAL_S", 120.0),
         ingest_stall_after_s=_env_float("PLANPIPE_INGEST_STALL_AFTER_S", 60.0),
     )
+
+
+def postgres_resource() -> PostgresResource:
+    return PostgresResource(dsn=_from_env("PLANPIPE_PG_DSN"))

@@ -20,7 +20,6 @@ from playwright.sync_api import Browser, Page, expect
 
 from planpipe.defs.ingest.assets import OBSERVATIONS, ingest_micro_batches
 from planpipe.defs.ingest.checks import sla_checks
-from planpipe.defs.resources import PlanpipeResource
 from planpipe.settings import Settings
 from planpipe_tests.browser.conftest import VIEWPORT, Webserver
 from planpipe_tests.integration.workload import MALFORMED, capture_plans, create_workload, make_envelopes, publish
@@ -93,7 +92,7 @@ def _node_at(nodes: list[dict[str, Any]], point: list[float], side: str) -> str 
     return None
 
 
-def _materialize_with_checks(settings: Settings, instance: dg.DagsterInstance, resource: PlanpipeResource) -> str:
+def _materialize_with_checks(settings: Settings, instance: dg.DagsterInstance, resources: dict[str, object]) -> str:
     with psycopg.connect(settings.pg_dsn) as conn:
         (workload,) = conn.execute("SELECT to_regclass('pp_workload.accounts') IS NOT NULL").fetchone() or (False,)
     if not workload:
@@ -103,7 +102,7 @@ def _materialize_with_checks(settings: Settings, instance: dg.DagsterInstance, r
     result = dg.materialize(
         [ingest_micro_batches, *sla_checks],
         instance=instance,
-        resources={"planpipe": resource},
+        resources=resources,
         selection=dg.AssetSelection.assets(ingest_micro_batches),
     )
     assert result.success
@@ -119,10 +118,10 @@ def test_dagster_ui_shows_lineage_sensors_and_checks(
     dagster_webserver: Webserver,
     dagster_instance: dg.DagsterInstance,
     settings: Settings,
-    planpipe_resource: PlanpipeResource,
+    dagster_resources: dict[str, object],
     screenshot_dir: Path,
 ) -> None:
-    run_id = _materialize_with_checks(settings, dagster_instance, planpipe_resource)
+    run_id = _materialize_with_checks(settings, dagster_instance, dagster_resources)
     base = dagster_webserver.url
 
     # The webserver's GraphQL: the lineage and the sensor state the UI is built from.

@@ -1,11 +1,10 @@
 """Checks of the health domain: broker health now, and publish → commit latency of the sampled traces."""
 
 import dagster as dg
-import psycopg
 
 from planpipe.defs.health.assets import KAFKA_CLUSTER
 from planpipe.defs.ingest.assets import BASELINES
-from planpipe.defs.resources import PlanpipeResource
+from planpipe.defs.resources import PlanpipeResource, PostgresResource
 from planpipe.health import broker
 from planpipe.health.fallback import read_mode
 from planpipe.ingest import sla
@@ -36,7 +35,7 @@ def health_passed(health: broker.BrokerHealth) -> bool:
     description="Under-replicated partitions ≤ 5 and none offline (admin API). broker_health_sensor also "
     "reports it every tick and switches the capture agents to Redis after 2 min above 5.",
 )
-def broker_health(planpipe: PlanpipeResource) -> dg.AssetCheckResult:
+def broker_health(planpipe: PlanpipeResource, postgres: PostgresResource) -> dg.AssetCheckResult:
     settings = planpipe.settings()
     try:
         health = broker.measure(settings)
@@ -44,7 +43,7 @@ def broker_health(planpipe: PlanpipeResource) -> dg.AssetCheckResult:
         return dg.AssetCheckResult(
             passed=False, metadata={"detail": dg.MetadataValue.text(f"Kafka not answering: {error}")}
         )
-    with psycopg.connect(settings.pg_dsn, autocommit=True, connect_timeout=10) as conn:
+    with postgres.connect(autocommit=True) as conn:
         mode = read_mode(conn, settings.kafka_bootstrap)
     metadata = health_metadata(health)
     metadata["fallback_mode"] = dg.MetadataValue.text(mode.mode.value)
@@ -57,9 +56,9 @@ def broker_health(planpipe: PlanpipeResource) -> dg.AssetCheckResult:
     description="Runbook trace sampling: p95 publish → baseline-commit of the sampled traces "
     "(PLANPIPE_TRACE_SAMPLE_PCT, default 1 %) over the last hour ≤ 1,200 ms.",
 )
-def trace_latency_sla(planpipe: PlanpipeResource) -> dg.AssetCheckResult:
+def trace_latency_sla(planpipe: PlanpipeResource, postgres: PostgresResource) -> dg.AssetCheckResult:
     settings = planpipe.settings()
-    with psycopg.connect(settings.pg_dsn, connect_timeout=10) as conn:
+    with postgres.connect() as conn:
         outcome = sla.trace_latency(conn, settings.consumer_group)
     return dg.AssetCheckResult(
         passed=outcome.passed,

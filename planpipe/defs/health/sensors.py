@@ -1,11 +1,10 @@
 """broker_health_sensor: cluster health as observations and check results, and the agents' fallback mode."""
 
 import dagster as dg
-import psycopg
 
 from planpipe.defs.health.assets import KAFKA_CLUSTER
 from planpipe.defs.health.checks import BROKER_HEALTH_CHECK, health_metadata, health_passed
-from planpipe.defs.resources import PlanpipeResource
+from planpipe.defs.resources import PlanpipeResource, PostgresResource
 from planpipe.health import broker
 from planpipe.health.fallback import publish_mode
 
@@ -17,7 +16,9 @@ from planpipe.health.fallback import publish_mode
     "kafka/cluster, and switches the capture agents to the Redis fallback when UnderReplicatedPartitions > 5 "
     "for > 2 min (back to Kafka after 1 min within the threshold).",
 )
-def broker_health_sensor(context: dg.SensorEvaluationContext, planpipe: PlanpipeResource) -> dg.SensorResult:
+def broker_health_sensor(
+    context: dg.SensorEvaluationContext, planpipe: PlanpipeResource, postgres: PostgresResource
+) -> dg.SensorResult:
     settings = planpipe.settings()
     state = broker.DegradationState.from_json(context.cursor)
     try:
@@ -26,7 +27,7 @@ def broker_health_sensor(context: dg.SensorEvaluationContext, planpipe: Planpipe
         # An unreachable cluster is the agents' own call (their spool, then Redis past its limit).
         return dg.SensorResult(skip_reason=f"Kafka not answering: {error}", cursor=context.cursor)
     new = broker.next_state(state, health)
-    with psycopg.connect(settings.pg_dsn, autocommit=True, connect_timeout=5) as conn:
+    with postgres.connect(autocommit=True, timeout_s=5) as conn:
         changed = publish_mode(conn, settings.kafka_bootstrap, new.mode, new.reason or "healthy")
     if changed and new.mode is broker.FallbackMode.REDIS:
         context.log.warning(f"capture agents switched to the Redis fallback: {new.reason}")

@@ -6,7 +6,7 @@ import dagster as dg
 import psycopg
 
 from planpipe.defs.ingest.assets import BASELINES, OBSERVATIONS, query_plans_topic
-from planpipe.defs.resources import PlanpipeResource
+from planpipe.defs.resources import PlanpipeResource, PostgresResource
 from planpipe.ingest import sla
 from planpipe.ingest.lag import LagUnavailable, group_lag
 from planpipe.settings import Settings
@@ -25,24 +25,26 @@ def _result(outcome: sla.SlaResult, severity: dg.AssetCheckSeverity) -> dg.Asset
 
 
 def _measure(
-    planpipe: PlanpipeResource, measure: Callable[[psycopg.Connection[tuple[object, ...]], Settings], sla.SlaResult]
+    planpipe: PlanpipeResource,
+    postgres: PostgresResource,
+    measure: Callable[[psycopg.Connection[tuple[object, ...]], Settings], sla.SlaResult],
 ) -> sla.SlaResult:
     settings = planpipe.settings()
-    with psycopg.connect(settings.pg_dsn, connect_timeout=10) as conn:
+    with postgres.connect() as conn:
         return measure(conn, settings)
 
 
 @dg.asset_check(
     asset=query_plans_topic.key, description="Lag ≤ 15,000 messages per partition, not breached for > 3 min."
 )
-def consumer_lag_sla(planpipe: PlanpipeResource) -> dg.AssetCheckResult:
-    outcome = _measure(planpipe, lambda c, s: sla.consumer_lag(c, s.consumer_group, s.topic))
+def consumer_lag_sla(planpipe: PlanpipeResource, postgres: PostgresResource) -> dg.AssetCheckResult:
+    outcome = _measure(planpipe, postgres, lambda c, s: sla.consumer_lag(c, s.consumer_group, s.topic))
     return _result(outcome, dg.AssetCheckSeverity.ERROR)
 
 
 @dg.asset_check(asset=BASELINES, description="p95 publish → baseline-commit latency ≤ 1,200 ms over the last 5 min.")
-def p95_latency_sla(planpipe: PlanpipeResource) -> dg.AssetCheckResult:
-    outcome = _measure(planpipe, lambda c, s: sla.p95_latency(c, s.consumer_group))
+def p95_latency_sla(planpipe: PlanpipeResource, postgres: PostgresResource) -> dg.AssetCheckResult:
+    outcome = _measure(planpipe, postgres, lambda c, s: sla.p95_latency(c, s.consumer_group))
     return _result(outcome, dg.AssetCheckSeverity.ERROR)
 
 
@@ -51,14 +53,14 @@ def p95_latency_sla(planpipe: PlanpipeResource) -> dg.AssetCheckResult:
     blocking=True,
     description="DLQ rate ≤ 0.15 % of consumed over the last 5 min; blocks downstream assets when breached.",
 )
-def dlq_rate_sla(planpipe: PlanpipeResource) -> dg.AssetCheckResult:
-    outcome = _measure(planpipe, lambda c, s: sla.dlq_rate(c, s.consumer_group))
+def dlq_rate_sla(planpipe: PlanpipeResource, postgres: PostgresResource) -> dg.AssetCheckResult:
+    outcome = _measure(planpipe, postgres, lambda c, s: sla.dlq_rate(c, s.consumer_group))
     return _result(outcome, dg.AssetCheckSeverity.ERROR)
 
 
 @dg.asset_check(asset=BASELINES, description="Baseline-store lock wait ≤ 800 ms per batch over the last 5 min.")
-def lock_wait_sla(planpipe: PlanpipeResource) -> dg.AssetCheckResult:
-    outcome = _measure(planpipe, lambda c, s: sla.lock_wait(c, s.consumer_group))
+def lock_wait_sla(planpipe: PlanpipeResource, postgres: PostgresResource) -> dg.AssetCheckResult:
+    outcome = _measure(planpipe, postgres, lambda c, s: sla.lock_wait(c, s.consumer_group))
     return _result(outcome, dg.AssetCheckSeverity.WARN)
 
 
@@ -67,7 +69,7 @@ def lock_wait_sla(planpipe: PlanpipeResource) -> dg.AssetCheckResult:
     description="Ingestion makes progress: fails when there is consumer lag and no batch was committed "
     "for 60 s (counted from when lag appeared). The lag sensor replaces a stuck ingest run.",
 )
-def ingest_progress(planpipe: PlanpipeResource) -> dg.AssetCheckResult:
+def ingest_progress(planpipe: PlanpipeResource, postgres: PostgresResource) -> dg.AssetCheckResult:
     settings = planpipe.settings()
     try:
         lag = sum(p.lag for p in group_lag(settings, settings.consumer_group, settings.topic, timeout_s=5.0))
@@ -77,7 +79,7 @@ def ingest_progress(planpipe: PlanpipeResource) -> dg.AssetCheckResult:
             severity=dg.AssetCheckSeverity.ERROR,
             metadata={"detail": dg.MetadataValue.text(f"cannot tell: Kafka not answering ({error})")},
         )
-    with psycopg.connect(settings.pg_dsn, connect_timeout=10) as conn:
+    with postgres.connect() as conn:
         progress = sla.group_progress(
             conn, settings.consumer_group, settings.topic, lag, stall_after_s=planpipe.ingest_stall_after_s
         )

@@ -1,17 +1,16 @@
 """Sensors of the ingest domain: Kafka lag → ingest runs, and run failures surfaced."""
 
-import json
 import math
 import time
 from dataclasses import dataclass
 
 import dagster as dg
-import psycopg
 
 from planpipe.defs.ingest.assets import OBSERVATIONS, ingest_micro_batches, query_plans_topic
 from planpipe.defs.ingest.jobs import INGEST_ROLE_TAG, ingest_job
 from planpipe.defs.ingest.runtime import STANDING_TAG, ingest_client_id
-from planpipe.defs.resources import PlanpipeResource
+from planpipe.defs.resources import PlanpipeResource, PostgresResource
+from planpipe.health.run_failures import record_run_failure
 from planpipe.ingest.lag import LagUnavailable, PartitionLag, group_assignments, group_lag
 from planpipe.ingest.reconcile import record_lag_sample
 from planpipe.ingest.sla import Progress, ingest_progress
@@ -204,13 +203,9 @@ def kafka_lag_sensor(context: dg.SensorEvaluationContext, planpipe: PlanpipeReso
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="Records every failed planpipe run in planpipe.run_failures and logs it.",
 )
-def planpipe_run_failure_sensor(context: dg.RunFailureSensorContext, planpipe: PlanpipeResource) -> None:
-    settings = planpipe.settings()
+def planpipe_run_failure_sensor(context: dg.RunFailureSensorContext, postgres: PostgresResource) -> None:
+    run = context.dagster_run
     message = context.failure_event.message or "run failed"
-    context.log.error(f"run {context.dagster_run.run_id} of {context.dagster_run.job_name} failed: {message}")
-    with psycopg.connect(settings.pg_dsn, autocommit=True, connect_timeout=5) as conn:
-        conn.execute(
-            """INSERT INTO planpipe.run_failures (run_id, job_name, message) VALUES (%s, %s, %s)
-               ON CONFLICT (run_id) DO NOTHING""",
-            (context.dagster_run.run_id, context.dagster_run.job_name, json.dumps(message)[:4000]),
-        )
+    context.log.error(f"run {run.run_id} of {run.job_name} failed: {message}")
+    with postgres.connect(autocommit=True, timeout_s=5) as conn:
+        record_run_failure(conn, run.run_id, run.job_name, message)

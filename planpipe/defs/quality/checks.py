@@ -4,11 +4,11 @@ import json
 from typing import Any
 
 import dagster as dg
-import psycopg
 
 from planpipe.defs.ingest.assets import OBSERVATIONS
 from planpipe.defs.replay.assets import replay_job
-from planpipe.defs.resources import PlanpipeResource
+from planpipe.defs.resources import PlanpipeResource, PostgresResource
+from planpipe.quality.batches import recent_batch_files
 from planpipe.quality.drift import detect_drift
 from planpipe.quality.suites import validate_observations
 
@@ -50,17 +50,14 @@ def _batch_files_of_run(context: dg.AssetCheckExecutionContext) -> list[list[str
     description="Great Expectations suite on every micro-batch of observations (columns, types, nulls, "
     "ranges, allowed values, offsets unique); blocks downstream assets on failure.",
 )
-def observations_suite(context: dg.AssetCheckExecutionContext, planpipe: PlanpipeResource) -> dg.AssetCheckResult:
+def observations_suite(
+    context: dg.AssetCheckExecutionContext, planpipe: PlanpipeResource, postgres: PostgresResource
+) -> dg.AssetCheckResult:
     settings = planpipe.settings()
     batches = _batch_files_of_run(context)
     if not batches:  # run on its own: validate the most recent batches
-        with psycopg.connect(settings.pg_dsn) as conn:
-            rows = conn.execute(
-                """SELECT parquet_files FROM planpipe.ingest_batches WHERE consumer_group = %s
-                   ORDER BY batch_id DESC LIMIT %s""",
-                (settings.consumer_group, _FALLBACK_BATCHES),
-            ).fetchall()
-        batches = [list(row[0]) for row in rows if row[0]]
+        with postgres.connect() as conn:
+            batches = recent_batch_files(conn, settings.consumer_group, _FALLBACK_BATCHES)
     root = settings.parquet_dir
     results = []
     for files in batches:

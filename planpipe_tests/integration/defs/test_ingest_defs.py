@@ -16,13 +16,16 @@ from planpipe_tests.integration.workload import MALFORMED, capture_plans, create
 
 
 def test_lag_sensor_records_lag_and_launches(
-    settings: Settings, dagster_instance: dg.DagsterInstance, planpipe_resource: PlanpipeResource
+    settings: Settings,
+    dagster_instance: dg.DagsterInstance,
+    planpipe_resource: PlanpipeResource,
+    dagster_resources: dict[str, object],
 ) -> None:
     create_workload(settings.pg_dsn)
     plans = capture_plans(settings.pg_dsn)
     publish(settings, make_envelopes(plans, 300, "sensor"))
 
-    context = dg.build_sensor_context(instance=dagster_instance, resources={"planpipe": planpipe_resource})
+    context = dg.build_sensor_context(instance=dagster_instance, resources=dagster_resources)
     result = kafka_lag_sensor(context)
     assert isinstance(result, dg.SensorResult)
     assert [r.run_key for r in result.run_requests or []] == ["ingest-1"]
@@ -40,19 +43,22 @@ def test_lag_sensor_records_lag_and_launches(
 
     # The next tick continues the run-key sequence from the cursor: keys never repeat.
     again = kafka_lag_sensor(dg.build_sensor_context(instance=dagster_instance, cursor=result.cursor,
-                                                      resources={"planpipe": planpipe_resource}))  # fmt: skip
+                                                      resources=dagster_resources))  # fmt: skip
     assert isinstance(again, dg.SensorResult)
     assert [r.run_key for r in again.run_requests or []] == ["ingest-2"]
 
 
 def test_sla_check_job_runs_every_check(
-    settings: Settings, dagster_instance: dg.DagsterInstance, planpipe_resource: PlanpipeResource
+    settings: Settings,
+    dagster_instance: dg.DagsterInstance,
+    planpipe_resource: PlanpipeResource,
+    dagster_resources: dict[str, object],
 ) -> None:
     create_workload(settings.pg_dsn)
     publish(settings, make_envelopes(capture_plans(settings.pg_dsn), 50, "slajob"))
-    kafka_lag_sensor(dg.build_sensor_context(instance=dagster_instance, resources={"planpipe": planpipe_resource}))
+    kafka_lag_sensor(dg.build_sensor_context(instance=dagster_instance, resources=dagster_resources))
     job = defs.resolve_job_def("sla_check_job")
-    result = job.execute_in_process(instance=dagster_instance, resources={"planpipe": planpipe_resource})
+    result = job.execute_in_process(instance=dagster_instance, resources=dagster_resources)
     assert result.success
     evaluations = {e.check_name: e for e in result.get_asset_check_evaluations()}
     assert set(evaluations) == {
@@ -66,7 +72,10 @@ def test_sla_check_job_runs_every_check(
 
 
 def test_ingest_asset_materializes_per_batch_and_checks_run(
-    settings: Settings, dagster_instance: dg.DagsterInstance, planpipe_resource: PlanpipeResource
+    settings: Settings,
+    dagster_instance: dg.DagsterInstance,
+    planpipe_resource: PlanpipeResource,
+    dagster_resources: dict[str, object],
 ) -> None:
     create_workload(settings.pg_dsn)
     plans = capture_plans(settings.pg_dsn)
@@ -75,7 +84,7 @@ def test_ingest_asset_materializes_per_batch_and_checks_run(
     result = dg.materialize(
         [ingest_micro_batches, *sla_checks, observations_suite],
         instance=dagster_instance,
-        resources={"planpipe": planpipe_resource},
+        resources=dagster_resources,
         selection=dg.AssetSelection.assets(ingest_micro_batches),
     )
     assert result.success
@@ -96,7 +105,10 @@ def test_ingest_asset_materializes_per_batch_and_checks_run(
 
 
 def test_lag_reconciliation_balances_after_ingest(
-    settings: Settings, dagster_instance: dg.DagsterInstance, planpipe_resource: PlanpipeResource
+    settings: Settings,
+    dagster_instance: dg.DagsterInstance,
+    planpipe_resource: PlanpipeResource,
+    dagster_resources: dict[str, object],
 ) -> None:
     from planpipe.ingest.engine import IngestEngine
     from planpipe.ingest.reconcile import reconcile
@@ -106,7 +118,7 @@ def test_lag_reconciliation_balances_after_ingest(
     publish(settings, make_envelopes(plans, 200, "recon"))
 
     def tick() -> None:
-        context = dg.build_sensor_context(instance=dagster_instance, resources={"planpipe": planpipe_resource})
+        context = dg.build_sensor_context(instance=dagster_instance, resources=dagster_resources)
         kafka_lag_sensor(context)
 
     tick()
@@ -123,12 +135,15 @@ def test_lag_reconciliation_balances_after_ingest(
 
 
 def test_schema_drift_job_passes_on_the_real_schema(
-    settings: Settings, dagster_instance: dg.DagsterInstance, planpipe_resource: PlanpipeResource
+    settings: Settings,
+    dagster_instance: dg.DagsterInstance,
+    planpipe_resource: PlanpipeResource,
+    dagster_resources: dict[str, object],
 ) -> None:
     result = dg.materialize(
         [ingest_micro_batches, schema_drift],
         instance=dagster_instance,
-        resources={"planpipe": planpipe_resource},
+        resources=dagster_resources,
         selection=dg.AssetSelection.checks(schema_drift),
     )
     assert result.success
@@ -139,7 +154,10 @@ def test_schema_drift_job_passes_on_the_real_schema(
 
 
 def test_plan_regressions_asset_and_status_job(
-    settings: Settings, dagster_instance: dg.DagsterInstance, planpipe_resource: PlanpipeResource
+    settings: Settings,
+    dagster_instance: dg.DagsterInstance,
+    planpipe_resource: PlanpipeResource,
+    dagster_resources: dict[str, object],
 ) -> None:
     from planpipe.db.migrate import migrate
     from planpipe.defs.plans.assets import plan_regressions, plan_status_job
@@ -154,7 +172,7 @@ def test_plan_regressions_asset_and_status_job(
         engine.run(until_caught_up=True, max_seconds=60)
     finally:
         engine.close()
-    result = dg.materialize([plan_regressions], instance=dagster_instance, resources={"planpipe": planpipe_resource})
+    result = dg.materialize([plan_regressions], instance=dagster_instance, resources=dagster_resources)
     assert result.success
     (event,) = result.get_asset_materialization_events()
     assert "report" in event.materialization.metadata
@@ -165,7 +183,7 @@ def test_plan_regressions_asset_and_status_job(
 
     run = plan_status_job.execute_in_process(
         instance=dagster_instance,
-        resources={"planpipe": planpipe_resource},
+        resources=dagster_resources,
         run_config={"ops": {"set_plan_status_op": {"config": {
             "cluster_id": envelope.cluster_id, "query_hash": envelope.query_hash,
             "fingerprint": fingerprint(envelope.plan_text), "status": "rejected", "by": "alice",
@@ -181,7 +199,10 @@ def test_plan_regressions_asset_and_status_job(
 
 
 def test_ingest_progress_check_fails_on_lag_without_commits_and_passes_after_ingest(
-    settings: Settings, dagster_instance: dg.DagsterInstance, planpipe_resource: PlanpipeResource
+    settings: Settings,
+    dagster_instance: dg.DagsterInstance,
+    planpipe_resource: PlanpipeResource,
+    dagster_resources: dict[str, object],
 ) -> None:
     from planpipe.defs.ingest.checks import ingest_progress
     from planpipe.ingest.engine import IngestEngine
@@ -191,7 +212,7 @@ def test_ingest_progress_check_fails_on_lag_without_commits_and_passes_after_ing
     check_job = dg.define_asset_job("progress_check", selection=dg.AssetSelection.checks(ingest_progress))
     job_defs = dg.Definitions(
         assets=[ingest_micro_batches], asset_checks=[ingest_progress], jobs=[check_job],
-        resources={"planpipe": planpipe_resource},
+        resources=dagster_resources,
     )  # fmt: skip
 
     def evaluate() -> dg.AssetCheckEvaluation:
@@ -225,7 +246,10 @@ def test_ingest_progress_check_fails_on_lag_without_commits_and_passes_after_ing
 
 
 def test_graceful_stop_turns_sigterm_into_a_clean_end_between_batches(
-    settings: Settings, dagster_instance: dg.DagsterInstance, planpipe_resource: PlanpipeResource
+    settings: Settings,
+    dagster_instance: dg.DagsterInstance,
+    planpipe_resource: PlanpipeResource,
+    dagster_resources: dict[str, object],
 ) -> None:
     """SIGTERM to the process running the ingest asset: the batch in flight commits, the run
     is not a failure, and what is committed is exactly what the store's offsets say."""
@@ -254,7 +278,7 @@ def test_graceful_stop_turns_sigterm_into_a_clean_end_between_batches(
     killer.start()
     started = time.monotonic()
     result = dg.materialize(
-        [ingest_micro_batches], instance=dagster_instance, resources={"planpipe": slow},
+        [ingest_micro_batches], instance=dagster_instance, resources={**dagster_resources, "planpipe": slow},
         selection=dg.AssetSelection.assets(ingest_micro_batches), tags={"test": "sigterm"},
     )  # fmt: skip
     killer.join(5)

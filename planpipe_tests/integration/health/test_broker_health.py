@@ -7,8 +7,8 @@ import uuid
 import dagster as dg
 import psycopg
 
-from planpipe.defs.definitions import health_defs
 from planpipe.defs.health.assets import KAFKA_CLUSTER
+from planpipe.defs.health.definitions import health_defs
 from planpipe.defs.health.sensors import broker_health_sensor
 from planpipe.defs.resources import PlanpipeResource
 from planpipe.health import broker
@@ -24,7 +24,10 @@ def test_measure_sees_every_partition_of_the_topics(settings: Settings) -> None:
 
 
 def test_sensor_records_health_and_brings_agents_back_after_recovery(
-    settings: Settings, dagster_instance: dg.DagsterInstance, planpipe_resource: PlanpipeResource
+    settings: Settings,
+    dagster_instance: dg.DagsterInstance,
+    planpipe_resource: PlanpipeResource,
+    dagster_resources: dict[str, object],
 ) -> None:
     cluster = f"test-cluster-{uuid.uuid4().hex[:8]}"
     assert health_defs.sensors is not None and broker_health_sensor in health_defs.sensors
@@ -39,9 +42,7 @@ def test_sensor_records_health_and_brings_agents_back_after_recovery(
     reader = FallbackModeReader(settings.pg_dsn, settings.kafka_bootstrap, ttl_s=0)
     assert reader() is broker.FallbackMode.REDIS
 
-    context = dg.build_sensor_context(
-        instance=dagster_instance, cursor=earlier.to_json(), resources={"planpipe": planpipe_resource}
-    )
+    context = dg.build_sensor_context(instance=dagster_instance, cursor=earlier.to_json(), resources=dagster_resources)
     result = broker_health_sensor(context)
     assert isinstance(result, dg.SensorResult)
     observation, evaluation = result.asset_events
@@ -64,13 +65,16 @@ def test_sensor_records_health_and_brings_agents_back_after_recovery(
 
 
 def test_health_check_job_runs_both_checks(
-    settings: Settings, dagster_instance: dg.DagsterInstance, planpipe_resource: PlanpipeResource
+    settings: Settings,
+    dagster_instance: dg.DagsterInstance,
+    planpipe_resource: PlanpipeResource,
+    dagster_resources: dict[str, object],
 ) -> None:
     # The health domain's own definitions: other domains' sensors are not this test's business.
-    job = dg.Definitions.merge(health_defs, dg.Definitions(resources={"planpipe": planpipe_resource})).resolve_job_def(
+    job = dg.Definitions.merge(health_defs, dg.Definitions(resources=dagster_resources)).resolve_job_def(
         "health_check_job"
     )
-    result = job.execute_in_process(instance=dagster_instance, resources={"planpipe": planpipe_resource})
+    result = job.execute_in_process(instance=dagster_instance, resources=dagster_resources)
     assert result.success
     evaluations = {e.check_name: e for e in result.get_asset_check_evaluations()}
     assert set(evaluations) == {"broker_health", "trace_latency_sla"}

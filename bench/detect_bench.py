@@ -156,7 +156,9 @@ def _detect(root: Path, per_comparison: bool, naive: bool) -> dict[str, Any]:
     """Child 2: detection only, so this process's ru_maxrss is detection's own peak."""
     import polars as pl
 
-    from planpipe.plans.regressions import DetectionConfig, find_regressions, scan_observations
+    from planpipe.plans.detection import find_regressions
+    from planpipe.plans.scan import scan_observations
+    from planpipe.plans.verdicts import DetectionConfig
 
     started = time.perf_counter()
     result: dict[str, Any]

@@ -147,7 +147,8 @@ def _print_findings(findings: Sequence[Any], with_diff: bool) -> None:
 
 
 def _detect(args: argparse.Namespace, settings: Settings) -> int:
-    from planpipe.plans.regressions import DetectionConfig, detect_regressions
+    from planpipe.plans.detector import detect_regressions
+    from planpipe.plans.verdicts import DetectionConfig
 
     try:
         config = DetectionConfig(
@@ -189,7 +190,7 @@ def _detect(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _regressions(args: argparse.Namespace, settings: Settings) -> int:
-    from planpipe.plans.regressions import list_regressions
+    from planpipe.plans.findings import list_regressions
 
     since = args.since
     if args.since_hours is not None:
@@ -311,7 +312,7 @@ def _plan_status(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _ack(args: argparse.Namespace, settings: Settings) -> int:
-    from planpipe.plans.regressions import RegressionNotFoundError, acknowledge_regression
+    from planpipe.plans.findings import RegressionNotFoundError, acknowledge_regression
 
     try:
         finding = acknowledge_regression(settings.pg_dsn, args.id, by=args.by, note=args.note)

@@ -19,8 +19,8 @@ import psycopg
 
 from planpipe.plans import latency
 from planpipe.plans.diff import diff_plans
+from planpipe.plans.findings import FINDINGS_LOCK
 from planpipe.plans.normalize import PlanParseError
-from planpipe.plans.regressions import FINDINGS_LOCK
 
 __all__ = [
     "LatencyWindow",

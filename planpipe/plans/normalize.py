@@ -1,7 +1,7 @@
 """Turn `EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON)` text into a normalized plan tree.
 
 Two executions of the same statement have "the same plan" when their normalized
-trees are equal (DESIGN.md, "Plan fingerprint"). The tree keeps what the planner
+trees are equal (`fingerprint.py` hashes this tree). The tree keeps what the planner
 chose — node types, relations, indexes, join types, strategies, keys and
 conditions with constants replaced — and drops what varies between runs of one
 plan: costs, estimates, actual times/rows/loops, buffers, I/O timings, workers
@@ -9,7 +9,8 @@ launched, sort method and space, hash batches.
 
 Decoding goes straight into `PlanNode`, a msgspec Struct that declares only the
 structural fields, so msgspec skips every other key in C without building a
-dict; stdlib `json` plus a dict walk is several times slower (DESIGN.md figures).
+dict; stdlib `json` plus a dict walk is several times slower (measured per core when
+this was chosen: ~106,000 plans/s fingerprinted this way, ~16,000/s from a `json` dict).
 Every declared field costs a little on each unknown key msgspec skips, so the
 struct holds what tells plans apart and nothing more.
 """

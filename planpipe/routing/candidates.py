@@ -45,7 +45,7 @@ class RegressionCandidates:
 
 
 def _open_candidates(dsn: str) -> set[str]:
-    from planpipe.plans.regressions import open_regression_candidates
+    from planpipe.plans.findings import open_regression_candidates
 
     return open_regression_candidates(dsn)
 

@@ -6,8 +6,9 @@ import dagster as dg
 
 from planpipe.defs.ingest.assets import BASELINES, OBSERVATIONS, STORE_GROUP
 from planpipe.defs.resources import PlanpipeResource
+from planpipe.plans.detector import detect_regressions
 from planpipe.plans.history import set_plan_status
-from planpipe.plans.regressions import DetectionConfig, detect_regressions
+from planpipe.plans.verdicts import DetectionConfig
 
 # Ingest runs are long-lived, so their assets are in progress most of the time and eager() (which
 # waits for upstream runs to finish) would never fire. Detect again whenever new observations were

@@ -7,16 +7,10 @@ import numpy as np
 import polars as pl
 import pytest
 
-from planpipe.plans.regressions import (
-    Comparison,
-    DetectionConfig,
-    SampleStats,
-    Verdict,
-    classify,
-    find_regressions,
-    mann_whitney_u,
-    scan_observations,
-)
+from planpipe.plans.detection import find_regressions
+from planpipe.plans.scan import scan_observations
+from planpipe.plans.stats import SampleStats, mann_whitney_u
+from planpipe.plans.verdicts import Comparison, DetectionConfig, Verdict, classify
 
 pytestmark = pytest.mark.unit
 

@@ -4,7 +4,7 @@ Plan shapes and their work (blocks, rows) are real: every plan is captured live 
 EXPLAIN (ANALYZE, BUFFERS) from a schema the scenarios change for real (a planner setting
 that rules out hash joins, a table that grows 5×, constants that pick another plan, a
 one-off first plan). Latencies are chosen (seeded) and published in the envelopes, as in
-test_regressions.py: wall-clock timings on a shared 2-core machine would make the
+test_detector.py: wall-clock timings on a shared 2-core machine would make the
 statistics flaky. The CPU hog is such a choice: the same plans doing the same work, 1.7×
 slower on the whole cluster.
 
@@ -26,10 +26,12 @@ from psycopg.conninfo import make_conninfo
 
 from planpipe.capture.explain import ExplainCapturer
 from planpipe.contract import Envelope
+from planpipe.plans.detector import DetectionResult, detect_regressions
+from planpipe.plans.findings import list_regressions
 from planpipe.plans.fingerprint import fingerprint
-from planpipe.plans.regressions import DetectionConfig, DetectionResult, detect_regressions, list_regressions
+from planpipe.plans.verdicts import DetectionConfig
 from planpipe.settings import Settings
-from planpipe_tests.integration.plans.test_regressions import capture, capture_role, drop_schema, ingest, publish
+from planpipe_tests.integration.plans.test_detector import capture, capture_role, drop_schema, ingest, publish
 
 N = 30  # executions per query and period
 STEP_S = 60.0
@@ -253,7 +255,7 @@ def test_a_cluster_filter_resolves_nothing_and_findings_resolve_only_on_evidence
 def test_findings_resolve_when_the_latency_is_back(world: World, capsys: pytest.CaptureFixture[str]) -> None:
     """Runs last: the machine and the events query are fast again for resolve_executions executions."""
     from planpipe.plans import cli as plans_cli
-    from planpipe_tests.integration.plans.test_regressions import run_cli
+    from planpipe_tests.integration.plans.test_detector import run_cli
 
     dsn, settings, config = world.settings.pg_dsn, world.settings, DetectionConfig()
     open_ids = {f.kind: f.id for f in list_regressions(dsn, cluster_id=world.a, status="unresolved")}

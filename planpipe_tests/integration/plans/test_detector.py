@@ -36,21 +36,19 @@ from planpipe.capture.sqltext import split_statements
 from planpipe.contract import Envelope, encode_envelope
 from planpipe.ingest.engine import IngestEngine
 from planpipe.plans import cli as plans_cli
-from planpipe.plans.fingerprint import fingerprint
-from planpipe.plans.history import UnknownPlanError, plan_history, set_plan_status
-from planpipe.plans.regressions import (
-    Analysis,
-    DetectionConfig,
-    DetectionResult,
+from planpipe.plans.detection import Analysis, find_regressions
+from planpipe.plans.detector import DetectionResult, detect_regressions
+from planpipe.plans.findings import (
     acknowledge_regression,
     current_baselines,
-    detect_regressions,
-    find_regressions,
     list_regressions,
-    mann_whitney_u,
     open_regression_candidates,
-    scan_observations,
 )
+from planpipe.plans.fingerprint import fingerprint
+from planpipe.plans.history import UnknownPlanError, plan_history, set_plan_status
+from planpipe.plans.scan import scan_observations
+from planpipe.plans.stats import mann_whitney_u
+from planpipe.plans.verdicts import DetectionConfig
 from planpipe.routing.publish import PlanPublisher
 from planpipe.settings import Settings
 

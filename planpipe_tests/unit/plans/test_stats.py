@@ -6,7 +6,7 @@ import random
 import numpy as np
 import pytest
 
-from planpipe.plans.regressions import SampleStats, benjamini_hochberg, mann_whitney_u
+from planpipe.plans.stats import SampleStats, benjamini_hochberg, mann_whitney_u
 
 pytestmark = pytest.mark.unit
 

@@ -2,7 +2,8 @@
 
 import pytest
 
-from planpipe.plans.regressions import Comparison, DetectionConfig, Kind, SampleStats, classify, severity_of
+from planpipe.plans.stats import SampleStats
+from planpipe.plans.verdicts import Comparison, DetectionConfig, Kind, classify, severity_of
 
 pytestmark = pytest.mark.unit
 

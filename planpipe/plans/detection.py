@@ -196,7 +196,8 @@ def find_regressions(
                 watched,
             ]
         ).unique()
-        raw = raw_executions(scoped, wanted)
+        queries = groups.join(wanted.to_frame("gk"), on="gk", how="semi").get_column("query_hash")
+        raw = raw_executions(scoped, wanted, queries)
 
     hypotheses = int(flips.get_column("enough").sum()) + int(series.get_column("enough").sum())
     verdicts = judge(

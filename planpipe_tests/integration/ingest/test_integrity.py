@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import polars as pl
@@ -227,6 +227,25 @@ def test_records_a_sink_refuses_are_isolated_and_the_rest_commits(
 # -- transient faults: the run rides them out ------------------------------------------------------------
 
 
+def _wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.1)
+
+
+def _clients_since(pg: psycopg.Connection[tuple[object, ...]], since: object) -> int:
+    """Client connections to the test database opened after `since` (other than `pg` itself)."""
+    row = pg.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid() "
+        "AND backend_type = 'client backend' AND backend_start > %s",
+        (since,),
+    ).fetchone()
+    count = row[0] if row is not None else 0
+    assert isinstance(count, int)
+    return count
+
+
 def _publish(settings: Settings, envelopes: list[Envelope]) -> None:
     producer = Producer(producer_config(settings))
     for envelope in envelopes:
@@ -251,13 +270,15 @@ def test_a_read_only_database_and_a_killed_connection_do_not_end_the_run(
         pg.execute("ALTER SYSTEM SET default_transaction_read_only = on")
         pg.execute("SELECT pg_reload_conf()")
         worker.start()
-        time.sleep(4)
+        _wait_until(lambda: "ReadOnlySqlTransaction" in caplog.text, "the run meets the read-only database")
+        (killed_at,) = pg.execute("SELECT now()").fetchone() or (None,)
         killed = pg.execute(
             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
             "WHERE datname = current_database() AND pid <> pg_backend_pid() AND backend_type = 'client backend'"
         ).fetchone()
         assert killed is not None and int(killed[0]) >= 1  # type: ignore[call-overload]
-        time.sleep(2)
+        # The run reconnects while the database is still read-only, so it retries on the new connection too.
+        _wait_until(lambda: _clients_since(pg, killed_at) > 0, "the run reconnects after its connection was killed")
     finally:
         pg.execute("ALTER SYSTEM RESET default_transaction_read_only")
         pg.execute("SELECT pg_reload_conf()")

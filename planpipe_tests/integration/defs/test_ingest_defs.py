@@ -18,7 +18,6 @@ from planpipe_tests.integration.workload import MALFORMED, capture_plans, create
 def test_lag_sensor_records_lag_and_launches(
     settings: Settings,
     dagster_instance: dg.DagsterInstance,
-    planpipe_resource: PlanpipeResource,
     dagster_resources: dict[str, object],
 ) -> None:
     create_workload(settings.pg_dsn)
@@ -51,7 +50,6 @@ def test_lag_sensor_records_lag_and_launches(
 def test_sla_check_job_runs_every_check(
     settings: Settings,
     dagster_instance: dg.DagsterInstance,
-    planpipe_resource: PlanpipeResource,
     dagster_resources: dict[str, object],
 ) -> None:
     create_workload(settings.pg_dsn)
@@ -74,7 +72,6 @@ def test_sla_check_job_runs_every_check(
 def test_ingest_asset_materializes_per_batch_and_checks_run(
     settings: Settings,
     dagster_instance: dg.DagsterInstance,
-    planpipe_resource: PlanpipeResource,
     dagster_resources: dict[str, object],
 ) -> None:
     create_workload(settings.pg_dsn)
@@ -107,7 +104,6 @@ def test_ingest_asset_materializes_per_batch_and_checks_run(
 def test_lag_reconciliation_balances_after_ingest(
     settings: Settings,
     dagster_instance: dg.DagsterInstance,
-    planpipe_resource: PlanpipeResource,
     dagster_resources: dict[str, object],
 ) -> None:
     from planpipe.ingest.engine import IngestEngine
@@ -137,7 +133,6 @@ def test_lag_reconciliation_balances_after_ingest(
 def test_schema_drift_job_passes_on_the_real_schema(
     settings: Settings,
     dagster_instance: dg.DagsterInstance,
-    planpipe_resource: PlanpipeResource,
     dagster_resources: dict[str, object],
 ) -> None:
     result = dg.materialize(
@@ -156,7 +151,6 @@ def test_schema_drift_job_passes_on_the_real_schema(
 def test_plan_regressions_asset_and_status_job(
     settings: Settings,
     dagster_instance: dg.DagsterInstance,
-    planpipe_resource: PlanpipeResource,
     dagster_resources: dict[str, object],
 ) -> None:
     from planpipe.db.migrate import migrate
@@ -201,7 +195,6 @@ def test_plan_regressions_asset_and_status_job(
 def test_ingest_progress_check_fails_on_lag_without_commits_and_passes_after_ingest(
     settings: Settings,
     dagster_instance: dg.DagsterInstance,
-    planpipe_resource: PlanpipeResource,
     dagster_resources: dict[str, object],
 ) -> None:
     from planpipe.defs.ingest.checks import ingest_progress

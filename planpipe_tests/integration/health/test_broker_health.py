@@ -10,7 +10,6 @@ import psycopg
 from planpipe.defs.health.assets import KAFKA_CLUSTER
 from planpipe.defs.health.definitions import health_defs
 from planpipe.defs.health.sensors import broker_health_sensor
-from planpipe.defs.resources import PlanpipeResource
 from planpipe.health import broker
 from planpipe.health.fallback import FallbackModeReader, publish_mode, read_mode
 from planpipe.settings import Settings
@@ -26,7 +25,6 @@ def test_measure_sees_every_partition_of_the_topics(settings: Settings) -> None:
 def test_sensor_records_health_and_brings_agents_back_after_recovery(
     settings: Settings,
     dagster_instance: dg.DagsterInstance,
-    planpipe_resource: PlanpipeResource,
     dagster_resources: dict[str, object],
 ) -> None:
     cluster = f"test-cluster-{uuid.uuid4().hex[:8]}"
@@ -67,7 +65,6 @@ def test_sensor_records_health_and_brings_agents_back_after_recovery(
 def test_health_check_job_runs_both_checks(
     settings: Settings,
     dagster_instance: dg.DagsterInstance,
-    planpipe_resource: PlanpipeResource,
     dagster_resources: dict[str, object],
 ) -> None:
     # The health domain's own definitions: other domains' sensors are not this test's business.

@@ -11,8 +11,9 @@ from typing import Any
 import psycopg
 
 from planpipe.agent.config import AgentConfig, load_file
-from planpipe.capture.autoexplain import LogFormat, cluster_id_near
 from planpipe.capture.explain import connect, server_cluster_id
+from planpipe.capture.logparse import LogFormat
+from planpipe.capture.reader import cluster_id_near
 from planpipe.settings import Settings
 
 DESCRIPTION = """\

@@ -29,7 +29,7 @@ from planpipe.agent.recovery import RecoveryReport, recover
 from planpipe.agent.sampler import Sampler, SamplerConfig
 from planpipe.agent.source import LogSource
 from planpipe.agent.state import AgentState
-from planpipe.capture.autoexplain import LogFormat
+from planpipe.capture.logparse import LogFormat
 from planpipe.contract import encode_envelope
 from planpipe.health.fallback import FallbackModeReader
 from planpipe.routing.producer import BreakerState

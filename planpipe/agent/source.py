@@ -11,8 +11,9 @@ from pathlib import Path
 import msgspec
 
 from planpipe.agent.ledger import capture_id
-from planpipe.capture.autoexplain import AutoExplainReader, LogFormat, save_state
-from planpipe.capture.autoexplain import CursorState as CursorState
+from planpipe.capture.logparse import LogFormat
+from planpipe.capture.reader import AutoExplainReader, save_state
+from planpipe.capture.reader import CursorState as CursorState
 from planpipe.contract import Envelope
 
 

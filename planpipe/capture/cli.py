@@ -14,7 +14,6 @@ from typing import BinaryIO
 
 import psycopg
 
-from planpipe.capture.autoexplain import AutoExplainReader, LogFormat, cluster_id_near, print_messages
 from planpipe.capture.explain import (
     DEFAULT_DML_MODE,
     DEFAULT_STATEMENT_TIMEOUT_MS,
@@ -24,6 +23,8 @@ from planpipe.capture.explain import (
     print_progress,
     server_cluster_id,
 )
+from planpipe.capture.logparse import LogFormat
+from planpipe.capture.reader import AutoExplainReader, cluster_id_near, print_messages
 from planpipe.capture.safety import DEFAULT_DENY, ENV_ALLOW, ENV_DENY, FunctionPolicy, SuperuserRefused
 from planpipe.contract import Envelope, encode_envelope
 from planpipe.settings import Settings

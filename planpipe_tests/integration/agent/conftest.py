@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from planpipe.agent.ledger import H_CAPTURE_ID
-from planpipe.capture.autoexplain import LogFormat
+from planpipe.capture.logparse import LogFormat
 from planpipe.settings import REPO_ROOT, Settings
 from planpipe.stack import redis as redis_stack
 from planpipe_tests.integration.routing.kafka_read import read_all

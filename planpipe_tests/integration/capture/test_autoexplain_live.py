@@ -17,9 +17,10 @@ import msgspec
 import psycopg
 import pytest
 
-from planpipe.capture.autoexplain import AutoExplainReader, LogFormat
 from planpipe.capture.cli import add_parsers
 from planpipe.capture.explain import capture_workload
+from planpipe.capture.logparse import LogFormat
+from planpipe.capture.reader import AutoExplainReader
 from planpipe.capture.sqltext import text_hash
 from planpipe.contract import Envelope, EnvelopeDecoder, encode_envelope
 from planpipe.settings import Settings

@@ -5,7 +5,7 @@ import io
 import json
 from datetime import UTC, datetime
 
-from planpipe.capture.autoexplain import LogFormat
+from planpipe.capture.logparse import LogFormat
 
 TS = 1_795_323_102.601  # 2026-11-22 04:51:42.601 UTC
 

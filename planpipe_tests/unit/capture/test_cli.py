@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 import planpipe.cli
-from planpipe.capture.autoexplain import LogFormat, load_state
+from planpipe.capture.logparse import LogFormat
+from planpipe.capture.reader import load_state
 from planpipe.contract import EnvelopeDecoder
 from planpipe_tests.unit.capture import logfmt
 

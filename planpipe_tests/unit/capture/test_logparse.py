@@ -7,16 +7,8 @@ from zoneinfo import ZoneInfo
 import msgspec
 import pytest
 
-from planpipe.capture.autoexplain import (
-    AutoExplainReader,
-    LogFormat,
-    MalformedEntry,
-    detect_format,
-    frame,
-    parse_entry,
-    parse_log_timestamp,
-    plan_message,
-)
+from planpipe.capture.logparse import LogFormat, MalformedEntry, frame, parse_entry, parse_log_timestamp, plan_message
+from planpipe.capture.reader import AutoExplainReader, detect_format
 from planpipe.capture.sqltext import text_hash
 from planpipe.contract import EnvelopeDecoder, encode_envelope
 from planpipe_tests.unit.capture import logfmt

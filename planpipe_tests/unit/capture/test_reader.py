@@ -12,7 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from planpipe.capture.autoexplain import AutoExplainReader, LogFormat, load_state, save_state
+from planpipe.capture.logparse import LogFormat
+from planpipe.capture.reader import AutoExplainReader, load_state, save_state
 from planpipe.contract import Envelope
 from planpipe_tests.unit.capture import logfmt
 

@@ -122,7 +122,9 @@ def _dev(args: argparse.Namespace, settings: Settings) -> int:
     """
     from planpipe import stack
     from planpipe.demo import supervise
+    from planpipe.demo.agent import start_demo_agent
     from planpipe.demo.cli import dagster_environment, run_traffic_in_background
+    from planpipe.demo.traffic import DEMO_CLUSTER
 
     with supervise.interrupt_on_termination():
         report = stack.up(settings)
@@ -135,9 +137,14 @@ def _dev(args: argparse.Namespace, settings: Settings) -> int:
             start_new_session=True,
         )
         traffic = None
+        agent = None
         instance = None
         try:
-            traffic = None if args.no_traffic else run_traffic_in_background(settings)
+            if not args.no_traffic:  # the demo workload's plans reach Kafka through a real agent on the server log
+                agent = start_demo_agent(settings, DEMO_CLUSTER, settings.home / "dev-agent.log")
+                print(f"planpipe agent for {DEMO_CLUSTER} tails {agent.log.directory} (log: {agent.output})",
+                      flush=True)  # fmt: skip
+                traffic = run_traffic_in_background(settings)
             instance = supervise.open_instance(settings)  # ready before it is needed to stop runs
             code = process.wait()
             print(f"planpipe dev: dagster dev exited with {code}", file=sys.stderr, flush=True)
@@ -148,7 +155,11 @@ def _dev(args: argparse.Namespace, settings: Settings) -> int:
                 print("planpipe dev: stopping runs, Dagster and demo traffic ...", file=sys.stderr, flush=True)
                 if traffic is not None:
                     traffic[1].set()
+                if agent is not None:
+                    agent.request_stop()  # it stops while Dagster does
                 stopped = supervise.stop(process, instance=instance)
+                if agent is not None:
+                    agent.stop(timeout_s=max(0.5, 14.0 - stopped.seconds))
                 if traffic is not None:
                     traffic[0].join(timeout=max(0.5, 14.0 - stopped.seconds))
                 if instance is not None:

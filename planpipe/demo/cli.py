@@ -1,4 +1,4 @@
-"""`planpipe demo`: the main job without the webserver — daemon + demo traffic, then a JSON summary."""
+"""`planpipe demo`: the main job without the webserver — daemon, capture agent and demo traffic, then a JSON summary."""
 
 import argparse
 import json
@@ -21,6 +21,8 @@ from planpipe.settings import REPO_ROOT, Settings
 if TYPE_CHECKING:
     import dagster as dg
 
+# How long the agent may take to publish the last plans the traffic made PostgreSQL log.
+AGENT_CATCH_UP_S = 60.0
 # Demo traffic starts once the standing ingest run consumes (the daemon's first sensor tick and a run's
 # start-up take ~30 s): records published before would wait for it and read as an SLA breach.
 CONSUMER_WAIT_S = 120.0
@@ -163,22 +165,27 @@ def _regression_materializations(settings: Settings, since: datetime) -> list[di
 def _demo(args: argparse.Namespace, settings: Settings) -> int:
     from planpipe import stack
     from planpipe.demo import supervise
-    from planpipe.demo.traffic import run_traffic
+    from planpipe.demo.agent import start_demo_agent
+    from planpipe.demo.traffic import DEMO_CLUSTER, run_traffic
     from planpipe.ingest.lag import LagUnavailable, group_lag
 
     stack.up(settings)
     since = datetime.now(UTC)
+    agent = start_demo_agent(settings, DEMO_CLUSTER, settings.home / "demo-agent.log")
     daemon = start_daemon(settings, settings.home / "demo-daemon.log")
-    print(f"dagster-daemon started (log: {settings.home / 'demo-daemon.log'}); traffic for {args.duration:.0f}s",
+    print(f"planpipe agent for {DEMO_CLUSTER} tails {agent.log.directory} (log: {agent.output}); dagster-daemon "
+          f"started (log: {settings.home / 'demo-daemon.log'}); traffic for {args.duration:.0f}s",
           file=sys.stderr)  # fmt: skip
     instance = supervise.open_instance(settings)
     stopped = None
     traffic = None
+    agent_exit = None
     try:
         with supervise.interrupt_on_termination():
             traffic = run_traffic(
                 settings, duration_s=args.duration, interval_s=args.interval, wait_for_consumer_s=CONSUMER_WAIT_S
             )
+            agent.wait_caught_up(AGENT_CATCH_UP_S)
             deadline = time.monotonic() + args.settle
             # Let the sensors see the last traffic and the runs they launch finish. Ingest runs are
             # long-lived (they linger caught up, PLANPIPE_INGEST_IDLE_S): settled means no lag on the
@@ -199,7 +206,8 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
         print("planpipe demo: interrupted, stopping runs and the daemon", file=sys.stderr)
     finally:
         with supervise.shielded():
-            # Runs still going are asked to stop (they end CANCELED), then the daemon's tree.
+            # The agent first (it flushes and reports its counts), then runs (they end CANCELED), then the daemon.
+            agent_exit = agent.stop()
             stopped = supervise.stop(daemon, instance=instance, first_signal=signal.SIGTERM)
             instance.dispose()
     runs = _runs_since(settings, since)
@@ -216,10 +224,13 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
         final_lag: dict[str, int] | str = {str(p.partition): p.lag for p in lags}
     except LagUnavailable as error:
         final_lag = f"unavailable: {error}"
+    captured = agent.as_dict(agent_exit)
     summary = {
         "duration_s": args.duration,
         "traffic": traffic.as_dict() if traffic is not None else None,
-        "published": traffic.published if traffic is not None else 0,
+        "agent": captured,
+        # What the agent captured and made durable in Kafka (acknowledged, or spooled and since delivered).
+        "published": captured["captured"],
         "ingested": ingested,
         "replayed": replayed,
         "parked": parked,
@@ -246,7 +257,8 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def run_traffic_in_background(settings: Settings, interval_s: float = 3.0) -> tuple[threading.Thread, threading.Event]:
-    """For `planpipe dev`: demo traffic beside the webserver until the returned event is set."""
+    """For `planpipe dev`: demo traffic beside the webserver until the returned event is set
+    (its plans reach Kafka through the agent `planpipe dev` supervises)."""
     from planpipe.demo.traffic import run_traffic
 
     stop = threading.Event()

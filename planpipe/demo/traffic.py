@@ -1,11 +1,12 @@
-"""Demo traffic for the main job: a real capture loop against a workload in the local PostgreSQL.
+"""Demo traffic for the main job: a workload on the demo database, captured by a real agent.
 
-Every cycle runs the demo workload with `EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON)`
-(the same capture path as `planpipe capture explain`) and publishes the envelopes
-through the router. Now and then it sends malformed envelopes (one that a DLQ
-correction rule can repair, one that must be parked) and it induces a plan change
-by dropping the index a query relies on (restoring it later), so a newcomer sees
-the sensors fire, DLQ replays, and a plan regression being detected.
+Every cycle runs the demo workload as plain queries; auto_explain (on for the demo
+database only) logs each plan and the `planpipe agent` that `planpipe dev` / `planpipe demo`
+supervise tails that log and publishes the plans (`planpipe.demo.agent`). Now and then
+the traffic itself sends malformed envelopes as an old capture agent of another cluster
+would (one that a DLQ correction rule can repair, one that must be parked), and it
+induces a plan change by dropping the index a query relies on (restoring it later), so
+a newcomer sees the sensors fire, DLQ replays, and a plan regression being detected.
 """
 
 import logging
@@ -17,18 +18,18 @@ from dataclasses import dataclass, field
 import msgspec
 import psycopg
 
-from planpipe.capture.explain import capture_workload
-from planpipe.contract import encode_envelope
+from planpipe.contract import Envelope, encode_envelope
+from planpipe.demo.agent import enable_auto_explain
 from planpipe.ingest.lag import LagUnavailable, group_assignments
-from planpipe.ingest.reconcile import record_capture_count
 from planpipe.routing.publish import PlanPublisher, Source
-from planpipe.routing.router import Rejection
 from planpipe.settings import Settings, _with_database
 
 logger = logging.getLogger("planpipe.demo")
 
 DEMO_DATABASE = "demo_target"
 DEMO_CLUSTER = "demo-cluster"
+LEGACY_CLUSTER = "demo-legacy-agent"  # the old agent whose envelopes the DLQ corrects or parks
+REPEAT = 3  # each statement runs this often per cycle
 INDEX_DDL = "CREATE INDEX IF NOT EXISTS accounts_bid_idx ON demo.accounts (bid)"
 
 SETUP = [
@@ -45,25 +46,23 @@ SETUP = [
 ]
 
 
-def workload(rng: random.Random) -> str:
+def workload(rng: random.Random) -> list[str]:
     """Five statements with fresh constants each cycle: constants never change a fingerprint."""
     aid, bid = rng.randint(1, 300_000), rng.randint(1, 200)
-    return f"""
-        SELECT * FROM demo.accounts WHERE aid = {aid};
-        SELECT count(*), sum(abalance) FROM demo.accounts WHERE bid = {bid};
-        SELECT b.bid, sum(a.abalance) FROM demo.accounts a JOIN demo.branches b ON a.bid = b.bid
-            WHERE b.bid <= {1 + bid % 5} GROUP BY b.bid;
-        SELECT aid, abalance FROM demo.accounts ORDER BY abalance DESC LIMIT 10;
-        UPDATE demo.accounts SET abalance = abalance + 1 WHERE aid = {aid};
-    """
+    return [
+        f"SELECT * FROM demo.accounts WHERE aid = {aid}",
+        f"SELECT count(*), sum(abalance) FROM demo.accounts WHERE bid = {bid}",
+        f"""SELECT b.bid, sum(a.abalance) FROM demo.accounts a JOIN demo.branches b ON a.bid = b.bid
+            WHERE b.bid <= {1 + bid % 5} GROUP BY b.bid""",
+        "SELECT aid, abalance FROM demo.accounts ORDER BY abalance DESC LIMIT 10",
+        f"UPDATE demo.accounts SET abalance = abalance + 1 WHERE aid = {aid}",
+    ]
 
 
 @dataclass
 class TrafficSummary:
     cycles: int = 0
-    captured: int = 0
-    published: int = 0
-    rejected: int = 0
+    statements_run: int = 0  # each one logged by auto_explain: the agent's to capture
     correctable_sent: int = 0
     unfixable_sent: int = 0
     plan_changes: list[str] = field(default_factory=list)
@@ -77,11 +76,14 @@ def demo_dsn(settings: Settings) -> str:
 
 
 def prepare_demo_database(settings: Settings) -> str:
+    """The demo database with its tables, and auto_explain logging every plan of its sessions."""
     with psycopg.connect(_with_database(settings.pg_dsn, "postgres"), autocommit=True) as conn:
         if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DEMO_DATABASE,)).fetchone() is None:
             conn.execute(f'CREATE DATABASE "{DEMO_DATABASE}"')
+        enable_auto_explain(conn, DEMO_DATABASE)
     dsn = demo_dsn(settings)
     with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("SET auto_explain.log_min_duration = -1")  # the set-up is not the demo's workload
         for statement in SETUP:
             conn.execute(statement)
     return dsn
@@ -103,9 +105,16 @@ def wait_for_consumer(settings: Settings, timeout_s: float, stop: threading.Even
     return False
 
 
-def _legacy_envelope(raw: bytes) -> bytes:
+_LEGACY_PLAN = '[{"Plan": {"Node Type": "Result", "Actual Rows": 1, "Actual Loops": 1}, "Execution Time": 0.01}]'
+
+
+def _legacy_envelope(now: float) -> bytes:
     """An envelope from an old capture agent: camelCase names that a correction rule renames."""
-    fields = msgspec.json.decode(raw)
+    envelope = Envelope(
+        query_hash="demo-legacy-select-1", execution_timestamp=now, cluster_id=LEGACY_CLUSTER,
+        plan_text=_LEGACY_PLAN, actual_rows=1, total_time_ms=0.01, query_type="SELECT", query_text="SELECT 1",
+    )  # fmt: skip
+    fields = msgspec.json.decode(encode_envelope(envelope))
     fields["queryHash"] = fields.pop("query_hash")
     fields["clusterId"] = fields.pop("cluster_id")
     return msgspec.json.encode(fields)
@@ -122,8 +131,8 @@ def run_traffic(
     seed: int = 17,
     wait_for_consumer_s: float = 0.0,
 ) -> TrafficSummary:
-    """Capture and publish until `duration_s` passes or `stop` is set; first wait up to
-    `wait_for_consumer_s` for an ingest consumer, so the SLA measures a running pipeline."""
+    """Run the workload (the agent captures it) until `duration_s` passes or `stop` is set; first
+    wait up to `wait_for_consumer_s` for an ingest consumer, so the SLA measures a running pipeline."""
     stop = stop or threading.Event()
     rng = random.Random(seed)
     dsn = prepare_demo_database(settings)
@@ -134,42 +143,34 @@ def run_traffic(
     deadline = None if duration_s is None else time.monotonic() + duration_s
     index_present = True
     try:
-        while not stop.is_set() and (deadline is None or time.monotonic() < deadline):
-            summary.cycles += 1
-            # The demo's throwaway database on the local stack, whose only role is the bootstrap superuser;
-            # its UPDATE runs and is rolled back, as before capture planned DML by default.
-            report = capture_workload(
-                dsn, workload(rng), repeat=3, cluster_id=DEMO_CLUSTER, allow_superuser=True, dml="analyze"
-            )
-            summary.captured += len(report.envelopes)
-            accepted = 0
-            for envelope in report.envelopes:
-                outcome = publisher.submit_raw(encode_envelope(envelope), source=Source(file="demo-capture"))
-                accepted += not isinstance(outcome, Rejection)
-                summary.rejected += isinstance(outcome, Rejection)
-            summary.published += accepted
-            record_capture_count(settings.pg_dsn, "demo-traffic", settings.topic, accepted)
-            if malformed_every and summary.cycles % malformed_every == 0 and report.envelopes:
-                publisher.submit_raw(_legacy_envelope(encode_envelope(report.envelopes[0])),
-                                     source=Source(file="demo-legacy-agent"))  # fmt: skip
-                publisher.submit_raw(b'{"query_hash": "broken", "plan_text": 42}', source=Source(file="demo-broken"))
-                summary.correctable_sent += 1
-                summary.unfixable_sent += 1
-            if plan_change_every and summary.cycles % plan_change_every == 0:
-                index_present = _toggle_index(dsn, index_present)
-                summary.plan_changes.append("index restored" if index_present else "index dropped")
-            stop.wait(interval_s)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            while not stop.is_set() and (deadline is None or time.monotonic() < deadline):
+                summary.cycles += 1
+                for statement in workload(rng):
+                    for _ in range(REPEAT):
+                        conn.execute(statement)
+                        summary.statements_run += 1
+                if malformed_every and summary.cycles % malformed_every == 0:
+                    publisher.submit_raw(_legacy_envelope(time.time()), source=Source(file="demo-legacy-agent"))
+                    publisher.submit_raw(
+                        b'{"query_hash": "broken", "plan_text": 42}', source=Source(file="demo-broken")
+                    )
+                    summary.correctable_sent += 1
+                    summary.unfixable_sent += 1
+                if plan_change_every and summary.cycles % plan_change_every == 0:
+                    index_present = _toggle_index(conn, index_present)
+                    summary.plan_changes.append("index restored" if index_present else "index dropped")
+                stop.wait(interval_s)
     finally:
         publisher.close(timeout=30)
     return summary
 
 
-def _toggle_index(dsn: str, present: bool) -> bool:
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        if present:
-            conn.execute("DROP INDEX IF EXISTS demo.accounts_bid_idx")
-            logger.warning("demo: dropped demo.accounts_bid_idx — the per-branch query now seq-scans")
-        else:
-            conn.execute(INDEX_DDL)
-            logger.warning("demo: restored demo.accounts_bid_idx")
+def _toggle_index(conn: psycopg.Connection[tuple[object, ...]], present: bool) -> bool:
+    if present:
+        conn.execute("DROP INDEX IF EXISTS demo.accounts_bid_idx")
+        logger.warning("demo: dropped demo.accounts_bid_idx — the per-branch query now seq-scans")
+    else:
+        conn.execute(INDEX_DDL)
+        logger.warning("demo: restored demo.accounts_bid_idx")
     return not present

@@ -4,8 +4,9 @@
 A region's ingest runs are `ingest_micro_batches` runs tagged `planpipe/region`: they read the region's
 topic with the region's consumer group and write the region's Parquet directory (topology.py),
 so its plans are stored by its own runs only. The region's sensor records the region topic's lag as
-observations and launches runs by the same rule as `kafka_lag_sensor` (one more per 20,000 behind, up to
-PLANPIPE_MAX_INGEST_RUNS per region; runs end when idle). A regional code location (PLANPIPE_REGION)
+observations and in planpipe.lag_samples (as `kafka_lag_sensor` does), and launches runs by the same rule
+as `kafka_lag_sensor` (one more per 20,000 behind, up to PLANPIPE_MAX_INGEST_RUNS per region; runs end
+when idle). A regional code location (PLANPIPE_REGION)
 already works on its region only and gets none of these.
 """
 
@@ -16,6 +17,7 @@ from planpipe.defs.ingest.jobs import INGEST_ROLE_TAG
 from planpipe.defs.ingest.sensors import runs_in_flight, wanted_runs
 from planpipe.defs.resources import REGION_TAG, PlanpipeResource
 from planpipe.ingest.lag import LagUnavailable, group_lag
+from planpipe.ingest.reconcile import record_lag_sample
 from planpipe.topology import Topology
 
 
@@ -53,6 +55,8 @@ def region_lag_sensor(region: str, job: "dg.UnresolvedAssetJobDefinition", topic
         except LagUnavailable as error:
             return dg.SensorResult(skip_reason=f"Kafka not answering: {error}")
         total = sum(p.lag for p in lags)
+        # As the main lag sensor: the region's group and topic get their rows (lag SLA, reconciliation).
+        record_lag_sample(settings.pg_dsn, settings.consumer_group, settings.topic, lags)
         in_flight = runs_in_flight(context.instance, job.name, max_seconds=planpipe.ingest_max_seconds)
         launched = int(context.cursor or 0)
         requests = [

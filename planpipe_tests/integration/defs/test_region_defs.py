@@ -7,6 +7,7 @@ from pathlib import Path
 
 import dagster as dg
 import polars as pl
+import psycopg
 import pytest
 
 from planpipe.contract import Envelope, encode_envelope
@@ -56,6 +57,13 @@ def test_a_regions_sensor_and_ingest_job_work_on_its_topic_only(
     assert isinstance(observation, dg.AssetObservation)
     assert observation.asset_key == dg.AssetKey(["kafka", "eu", "query_plans"])
     assert observation.metadata["total_lag"].value == 12  # the eu half only
+    with psycopg.connect(settings.pg_dsn) as conn:  # the tick's lag sample, as the main lag sensor writes it
+        sampled = conn.execute(
+            """SELECT sum(lag), count(DISTINCT sampled_at) FROM planpipe.lag_samples
+               WHERE consumer_group = %s AND topic = %s""",
+            (eu.consumer_group, eu.topic),
+        ).fetchone()
+    assert sampled == (12, 1)
 
     job = repo.get_job("ingest_job_eu")
     run = job.execute_in_process(instance=dagster_instance, resources={"planpipe": planpipe_resource})

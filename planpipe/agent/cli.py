@@ -110,6 +110,9 @@ def add_parsers(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> N
     p.add_argument("--spool-max-age", dest="spool_max_age_s", type=float, metavar="S")
     p.add_argument("--redis-ttl", dest="redis_ttl_s", type=float, metavar="S")
     p.add_argument("--redis-max-entries", dest="redis_max_entries", type=int)
+    p.add_argument("--inflight-settle", dest="inflight_settle_s", type=float, metavar="S",
+                   help="after a crash, wait this long past the dead process's last heartbeat before looking "
+                   "for its in-flight records in Kafka (default: producer request.timeout.ms + 5 s)")  # fmt: skip
     p.add_argument("--mode-refresh", dest="mode_refresh_s", type=float, metavar="S",
                    help="re-read the broker-health fallback mode this often (default 15)")  # fmt: skip
     p.set_defaults(handler=_agent)

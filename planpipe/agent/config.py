@@ -42,6 +42,10 @@ class AgentConfig:
     redis_ttl_s: float = 24 * 3600.0
     redis_max_entries: int = 200_000
     mode_refresh_s: float = 15.0  # how often the fallback mode (planpipe.kafka_fallback_mode) is re-read
+    # After a crash, recovery looks for in-doubt records in Kafka only once requests the dead process may
+    # have sent can no longer be appended: its last heartbeat + this (default: the producer's
+    # request.timeout.ms + 5 s, the longest the broker works on a produce request before answering it).
+    inflight_settle_s: float | None = None
     snapshot_interval_s: float = 10.0
     report_interval_s: float = 30.0
 
@@ -56,6 +60,7 @@ class AgentConfig:
 
 
 _PATHS: Final = frozenset({"log", "state_dir"})
+_OPTIONAL_FLOATS: Final = frozenset({"inflight_settle_s"})
 
 
 def load_file(path: Path) -> AgentConfig:
@@ -70,7 +75,7 @@ def load_file(path: Path) -> AgentConfig:
         default = getattr(defaults, key)
         wanted: tuple[type, ...] = (
             (bool,) if isinstance(default, bool) else (int,) if isinstance(default, int)
-            else (int, float) if isinstance(default, float) else (str,)
+            else (int, float) if isinstance(default, float) or key in _OPTIONAL_FLOATS else (str,)
         )  # fmt: skip
         if not isinstance(value, wanted) or (isinstance(value, bool) and bool not in wanted):
             raise ValueError(f"{path}: {key} must be {' or '.join(t.__name__ for t in wanted)}, got {value!r}")

@@ -19,6 +19,13 @@ crash during recovery repeats it.
 
 Needs Kafka to answer: without it, an in-doubt record may or may not be in the
 log, so recovery waits (the log keeps the entries meanwhile).
+
+A produce request the dead process sent just before the kill may still be in the
+broker's socket or request queue, or appended but not yet below the high watermark:
+a scan that ran before the broker finished it would miss the record and the entry
+would be published again. So the scan waits until `settle_s` after the dead
+process's last heartbeat (`AgentState.alive_at`, written every `HEARTBEAT_S`): by
+then the broker has appended it or answered it with an error (request.timeout.ms).
 """
 
 import logging
@@ -29,6 +36,7 @@ from dataclasses import dataclass, field
 
 from confluent_kafka import KafkaException
 
+from planpipe.agent.handoff import Stopped
 from planpipe.agent.ledger import H_CAPTURE_ID, agent_prefix, find_in_kafka
 from planpipe.agent.state import AgentState
 from planpipe.routing.redis_queue import QueuedRecord, QueueUnavailable, RedisQueue
@@ -36,6 +44,8 @@ from planpipe.routing.spool import Spool
 from planpipe.settings import Settings
 
 logger = logging.getLogger("planpipe.agent.recovery")
+
+HEARTBEAT_S = 1.0  # how often a running agent records that it is alive (AgentState.mark_alive)
 
 
 @dataclass
@@ -47,6 +57,7 @@ class RecoveryReport:
     spool_duplicates_removed: int = 0
     redis_duplicates_removed: int = 0
     scanned: bool = False
+    settle_waited_s: float = 0.0  # waited for the dead process's last requests before the scan
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
 
@@ -75,6 +86,7 @@ def recover(
     redis_queue: RedisQueue | None,
     stop: threading.Event,
     retry_s: float = 5.0,
+    settle_s: float = 35.0,
     on_wait: Callable[[str], None] = lambda _why: None,
 ) -> RecoveryReport:
     started = time.monotonic()
@@ -89,6 +101,7 @@ def recover(
         queued = _redis_entries(redis_queue, stop, retry_s, on_wait)
         if not (in_doubt or spooled or queued):
             return report
+        report.settle_waited_s = _settle(state, settle_s, stop, on_wait)
         in_kafka = _kafka_ids(settings, agent, state, stop, retry_s, on_wait)
         report.scanned = True
         duplicates = [seq for cid, (seq, _topic) in spooled.items() if cid in in_kafka]
@@ -113,6 +126,20 @@ def recover(
     report.seconds = round(time.monotonic() - started, 3)
     logger.warning("agent recovery: %s", report.as_dict())
     return report
+
+
+def _settle(state: AgentState, settle_s: float, stop: threading.Event, on_wait: Callable[[str], None]) -> float:
+    """Wait until a request the previous process sent can no longer become visible after the scan."""
+    alive_at = state.alive_at()
+    if alive_at is None:
+        return 0.0
+    until = alive_at + HEARTBEAT_S + settle_s
+    waited = max(0.0, until - time.time())
+    if waited > 0:
+        on_wait(f"recovery waits {waited:.0f} s for requests of the previous process still in flight")
+        if stop.wait(waited):
+            raise Stopped
+    return round(waited, 3)
 
 
 def _redis_entries(

@@ -25,7 +25,7 @@ from planpipe.agent.counts import report_counts
 from planpipe.agent.handoff import Handoff, Stopped, fault_point
 from planpipe.agent.ledger import OpenSends, Watermarks
 from planpipe.agent.publisher import AgentPublisher, Item
-from planpipe.agent.recovery import RecoveryReport, recover
+from planpipe.agent.recovery import HEARTBEAT_S, RecoveryReport, recover
 from planpipe.agent.sampler import Sampler, SamplerConfig
 from planpipe.agent.source import LogSource
 from planpipe.agent.state import AgentState
@@ -96,6 +96,8 @@ class Agent:
         self._skips: set[str] = set()
         self._last_commit: float | None = None
         self._message_timeout_s = int(settings.producer_overrides.get("message.timeout.ms", 300_000)) / 1000
+        request_timeout_s = int(settings.producer_overrides.get("request.timeout.ms", 30_000)) / 1000
+        self._settle_s = config.inflight_settle_s if config.inflight_settle_s is not None else request_timeout_s + 5
         self._threads: list[threading.Thread] = []
         self._http: ThreadingHTTPServer | None = None
         self._last_wait_log = 0.0
@@ -115,8 +117,9 @@ class Agent:
         try:
             self.status = "recovering"
             self.recovery = recover(
-                self.settings, self.name, self.state, redis_queue=self.redis, stop=self.stop, on_wait=self._waiting
-            )
+                self.settings, self.name, self.state, redis_queue=self.redis, stop=self.stop,
+                settle_s=self._settle_s, on_wait=self._waiting,
+            )  # fmt: skip
             self._count_recovery(self.recovery)
             self.state.prune_skips(older_than_s=7 * 86400)  # entries of a log deleted since: never met again
             self._skips = self.state.skip_ids()
@@ -127,6 +130,7 @@ class Agent:
             self.watermarks.seed(self.state.scan_from() or {})
             self.watermarks.take()
             self._persist_scan_from()
+            self.state.mark_alive()  # before the producer may send (its spool drains at once); then every second
             self.publisher = AgentPublisher(self.settings, cooldown_s=self.config.cooldown_s)
             self.handoff = Handoff(
                 self.config,
@@ -162,7 +166,11 @@ class Agent:
 
     def _start_threads(self) -> None:
         assert self.handoff is not None
-        targets = [("maintenance", self._maintenance_loop), ("mode", self.handoff.mode_loop)]
+        targets = [
+            ("heartbeat", self._heartbeat_loop),
+            ("maintenance", self._maintenance_loop),
+            ("mode", self.handoff.mode_loop),
+        ]
         if self.redis is not None:
             targets.append(("redis-drain", self.handoff.drain_loop))
         if self.config.sample and self.config.dsn:
@@ -283,6 +291,13 @@ class Agent:
             self.state.set_scan_from(scan_from)
 
     # -- background work ----------------------------------------------------------
+
+    def _heartbeat_loop(self) -> None:
+        """Bounds, after a crash, when this process last may have sent a request (see `recovery`)."""
+        while True:
+            self.state.mark_alive()
+            if self.stop.wait(HEARTBEAT_S):
+                return
 
     def _maintenance_loop(self) -> None:
         next_report = 0.0

@@ -2,8 +2,9 @@
 
 What it holds, and why each write is one transaction:
 
-* `meta`: the log cursor (the reader's `CursorState` JSON) and `scan_from`
-  (Kafka offsets before which no record of this agent can still be in doubt).
+* `meta`: the log cursor (the reader's `CursorState` JSON), `scan_from`
+  (Kafka offsets before which no record of this agent can still be in doubt) and
+  `alive_at` (the process's heartbeat: after a crash, how recently it may have sent).
 * `intents`: a batch's capture ids, written *before* the batch is handed to the
   producer or Redis. The cursor moves, the intent is deleted and the batch's
   counts are added in one transaction once the batch is durable. An intent
@@ -35,6 +36,7 @@ _SCHEMA: Final = (
 )
 _CURSOR: Final = "cursor"
 _SCAN_FROM: Final = "scan_from"
+_ALIVE_AT: Final = "alive_at"
 
 Offsets = dict[str, dict[int, int]]  # topic → partition → offset
 T = TypeVar("T")
@@ -86,6 +88,10 @@ class AgentState:
     def scan_from(self) -> Offsets | None:
         raw = self._meta(_SCAN_FROM)
         return None if raw is None else _offsets_decoder.decode(raw)
+
+    def alive_at(self) -> float | None:
+        raw = self._meta(_ALIVE_AT)
+        return None if raw is None else float(raw)
 
     def open_intents(self) -> list[Intent]:
         with self._lock:
@@ -169,6 +175,10 @@ class AgentState:
 
     def set_scan_from(self, scan_from: Offsets) -> None:
         self._transaction(lambda conn: self._set_meta(conn, _SCAN_FROM, msgspec.json.encode(scan_from)))
+
+    def mark_alive(self, at: float | None = None) -> None:
+        stamp = repr(time.time() if at is None else at).encode()
+        self._transaction(lambda conn: self._set_meta(conn, _ALIVE_AT, stamp))
 
     def add_dropped(self, per_topic: Mapping[str, int], now: float | None = None) -> None:
         hour = hour_of(time.time() if now is None else now)

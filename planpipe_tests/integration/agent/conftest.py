@@ -85,7 +85,7 @@ class AgentProcess:
     def start(self, **env: str) -> "AgentProcess":
         command = [sys.executable, "-m", "planpipe.cli", "agent", "--log", str(self.log), "--cluster-id", "test",
                    "--name", self.name, "--state-dir", str(self.state_dir), "--http-port", "0",
-                   "--poll-interval", "0.05", *self.args]  # fmt: skip
+                   "--poll-interval", "0.05", "--inflight-settle", "1", *self.args]  # fmt: skip
         self.port = 0
         self._stderr_offset = self.stderr_path.stat().st_size if self.stderr_path.exists() else 0
         with self.stderr_path.open("ab") as stderr:  # a file, not a pipe: a chatty agent never blocks on it

@@ -12,7 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+from confluent_kafka import Producer
 
+from planpipe.agent.ledger import H_CAPTURE_ID
+from planpipe.agent.state import AgentState
 from planpipe.settings import Settings
 from planpipe_tests.integration.agent.conftest import capture_ids, captured, write_plans
 
@@ -80,3 +83,36 @@ def test_kill_9_at_any_moment_loses_nothing_and_publishes_nothing_twice(
             ("crash", settings.topic),
         ).fetchone()
     assert row == (TOTAL, 0)
+
+
+def test_a_request_of_the_killed_agent_appended_late_is_found_not_resent(
+    settings: Settings, agent_factory: Any, tmp_path: Path
+) -> None:
+    """The killed process's last produce request may reach the log after the restart (still in the broker's
+    socket or queue, or not yet below the high watermark). Recovery looks only once the dead process's
+    last heartbeat is `--inflight-settle` old; the late request is played here by producing its records
+    (the in-doubt capture ids of the dead agent's state) while the restarted agent waits."""
+    log = tmp_path / "postgresql.json"
+    write_plans(log, range(0, 80))
+    agent = agent_factory("late", log=log, args=["--batch-size", "40"])
+    agent.start(PLANPIPE_FAULT_KILL_AT="agent_before_handoff:2")
+    assert agent.wait_exit() == -9
+    state = AgentState(agent.state_dir / "state.sqlite3")
+    (intent,) = state.open_intents()
+    state.close()
+    assert len(intent.capture_ids) == 40
+
+    agent.args.extend(["--inflight-settle", "6"])
+    agent.start().wait_until(lambda h: "in flight" in h["detail"], what="recovery waiting for requests in flight")
+    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap, "enable.idempotence": True})
+    for cid in intent.capture_ids:  # what the dead process's request carried, appended only now
+        producer.produce(settings.topic, value=b"{}", key=b"late", headers=[(H_CAPTURE_ID, cid.encode())])
+    assert producer.flush(30) == 0
+
+    health = agent.wait_until(lambda h: h["status"] == "ok", what="recovery")
+    assert health["recovery"]["in_doubt"] == 40 and health["recovery"]["found_in_kafka"] == 40, health["recovery"]
+    assert health["recovery"]["settle_waited_s"] > 0
+    agent.wait_until(lambda h: captured(h, settings.topic) >= 80, what="80 captured")
+    assert agent.stop() == 0
+    ids = capture_ids(settings)
+    assert len(ids) == 80 and max(ids.values()) == 1, {cid: n for cid, n in ids.items() if n > 1}

@@ -32,6 +32,7 @@ from planpipe.agent.state import AgentState
 from planpipe.capture.logparse import LogFormat
 from planpipe.contract import encode_envelope
 from planpipe.health.fallback import FallbackModeReader
+from planpipe.routing.metrics import start_metrics_server
 from planpipe.routing.producer import BreakerState
 from planpipe.routing.publish import Source
 from planpipe.routing.redis_queue import RedisQueue
@@ -107,7 +108,7 @@ class Agent:
 
     def run(self) -> None:
         if self.config.http_port >= 0:
-            self._http = server.serve(self.config.http_port, self.health)
+            self._http, _ = start_metrics_server(self.config.http_port, health=self.health)
             port = self._http.server_port
             print(
                 f"planpipe agent {self.name}: /metrics and /health on http://127.0.0.1:{port}",

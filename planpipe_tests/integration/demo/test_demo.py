@@ -22,7 +22,7 @@ def _demo_executions(settings: Settings) -> int:
         row = conn.execute(
             "SELECT coalesce(sum(executions), 0) FROM planpipe.plan_baselines WHERE cluster_id = %s", (DEMO_CLUSTER,)
         ).fetchone()
-    return int(row[0]) if row else 0  # type: ignore[call-overload]
+    return int(row[0]) if row else 0
 
 
 def test_planpipe_demo_runs_the_whole_loop(stack_settings: Settings) -> None:

@@ -1,9 +1,11 @@
 """`planpipe bench …`: benchmarks, registered through `add_parsers(sub)` like the stage CLIs.
 
-Also runnable alone: `python -m planpipe.bench.cli ingest [options]`.
+Also runnable alone: `python -m planpipe.bench.cli ingest [options]`. `bench ingest` needs the
+optional extra `planpipe[bench]` (orjson, pyinstrument, psutil; `make setup` installs it with dev).
 """
 
 import argparse
+import importlib.util
 import json
 import sys
 from collections.abc import Sequence
@@ -27,9 +29,38 @@ def _positive_float(text: str) -> float:
     return value
 
 
+# Imported lazily by the benchmarks only; the pipeline's runtime dependencies leave them out.
+BENCH_EXTRA: tuple[str, ...] = ("orjson", "pyinstrument", "psutil")
+
+
+def missing_bench_modules() -> list[str]:
+    return [name for name in BENCH_EXTRA if importlib.util.find_spec(name) is None]
+
+
+def _require_bench_extra() -> None:
+    missing = missing_bench_modules()
+    if missing:
+        raise SystemExit(
+            f"planpipe bench needs the optional extra 'bench' ({', '.join(missing)} not installed): "
+            "pip install 'planpipe[bench]' (make setup installs it)"
+        )
+
+
 def add_parsers(sub: "argparse._SubParsersAction[Any]") -> None:
-    bench = sub.add_parser("bench", help="benchmarks (ingest: planpipe vs raw Kafka vs the runbook's loop)")
+    bench = sub.add_parser(
+        "bench", help="benchmarks: ingest (planpipe vs raw Kafka vs the runbook's loop), detect (regression detection)"
+    )
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    from planpipe.bench import detect
+
+    d = bench_sub.add_parser(
+        "detect",
+        help="regression detection over a large synthetic observations dataset: time, peak RSS, planted changes found",
+        description=detect.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    detect.add_arguments(d)
+    d.set_defaults(handler=_detect)
     p = bench_sub.add_parser(
         "ingest",
         help="consume the same real-plan envelopes with a raw loop, planpipe and the runbook's loop; p95, RSS",
@@ -66,7 +97,14 @@ def add_parsers(sub: "argparse._SubParsersAction[Any]") -> None:
     p.set_defaults(handler=_ingest)
 
 
+def _detect(args: argparse.Namespace, settings: Settings) -> int:
+    from planpipe.bench import detect
+
+    return detect.run(args)
+
+
 def _ingest(args: argparse.Namespace, settings: Settings) -> int:
+    _require_bench_extra()
     from planpipe.bench.ingest import BenchOptions, format_table, run_benchmark
 
     options = BenchOptions(

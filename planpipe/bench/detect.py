@@ -1,8 +1,8 @@
-"""Regression detection over a large synthetic observations dataset: time and peak memory.
+"""`planpipe bench detect`: regression detection over a large synthetic observations dataset, time and peak memory.
 
-    .venv/bin/python bench/detect_bench.py                         # 10 M observations, 5,000 queries
-    .venv/bin/python bench/detect_bench.py --per-comparison-alpha  # alpha per comparison instead of BH
-    .venv/bin/python bench/detect_bench.py --observations 3e7 --dir /tmp/detect-bench --naive
+    planpipe bench detect                         # 10 M observations, 5,000 queries
+    planpipe bench detect --per-comparison-alpha  # alpha per comparison instead of BH
+    planpipe bench detect --observations 3e7 --dir /tmp/detect-bench --naive
 
 A first child process writes a Parquet dataset laid out like the ingest's
 (`route=*/date=*/*.parquet`, zstd) with only the columns detection reads, one chunk at
@@ -14,8 +14,9 @@ same-plan slowdowns with more work (data growth), and one cluster whose machine 
 Every row carries the plan's work (blocks, rows) as the ingest writes it. A second
 child runs detection (`find_regressions`, the statistical core of `detect_regressions`,
 without PostgreSQL) and reports its own `resource.getrusage(RUSAGE_SELF).ru_maxrss`.
-This parent imports nothing heavy: Linux carries a parent's RSS into a vfork()ed
-child's ru_maxrss, so a big parent would inflate the figure. Exit status 1 when a planted change is missed.
+This parent imports nothing heavy (the `planpipe` CLI with its stage parsers: ~50 MB): Linux
+carries a parent's RSS into a vfork()ed child's ru_maxrss, so a big parent would inflate the figure.
+Exit status 1 when a planted change is missed.
 """
 
 import argparse
@@ -183,13 +184,14 @@ def _detect(root: Path, per_comparison: bool, naive: bool) -> dict[str, Any]:
 
 
 def _child(*args: str) -> dict[str, Any]:
-    done = subprocess.run([sys.executable, __file__, *args], check=True, stdout=subprocess.PIPE, text=True)
+    command = [sys.executable, "-m", "planpipe.bench.detect", *args]
+    done = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True)
     report: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
     return report
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `planpipe bench detect` (also those of `python -m planpipe.bench.detect`)."""
     parser.add_argument("--observations", type=float, default=10_000_000)
     parser.add_argument("--queries", type=int, default=5_000)
     parser.add_argument("--planted", type=int, default=4, help="planted changes per kind (default 4)")
@@ -204,7 +206,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--naive", action="store_true", help="also measure collect() + exact medians in memory")
     parser.add_argument("--stage", choices=["generate", "detect", "naive"], help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Exit status 1 when a planted change is missed."""
     observations = int(args.observations)
     if args.stage == "generate":
         _generate(args.dir, observations, args.queries, args.planted, args.chunk, args.seed)
@@ -260,6 +265,12 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if args.dir is None:
             shutil.rmtree(base_dir, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -8,37 +8,27 @@ import hashlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Final
 
 from planpipe.contract import Reason
 
-H_REASON: Final = "planpipe-reason"
-H_FIELD: Final = "planpipe-field"
-H_DETAIL: Final = "planpipe-detail"
-H_STAGE: Final = "planpipe-stage"
-H_SOURCE_TOPIC: Final = "planpipe-source-topic"
-H_SOURCE_PARTITION: Final = "planpipe-source-partition"
-H_SOURCE_OFFSET: Final = "planpipe-source-offset"
-H_SOURCE_FILE: Final = "planpipe-source-file"
-H_REJECTED_AT: Final = "planpipe-rejected-at"
-H_TRACE_ID: Final = "trace-id"
-H_CORRECTION_RULE: Final = "planpipe-correction-rule"
-# A reject too large for the DLQ travels truncated; these say so and identify the original.
-H_TRUNCATED: Final = "planpipe-truncated"
-H_ORIGINAL_SIZE: Final = "planpipe-original-size"
-H_ORIGINAL_SHA256: Final = "planpipe-original-sha256"
-
-Headers = list[tuple[str, bytes]]
-# What confluent-kafka hands back or accepts: a list of pairs or a dict, str or bytes values.
-HeaderValue = str | bytes | None
-AnyHeaders = list[tuple[str, HeaderValue]] | dict[str, HeaderValue] | None
-
-
-def as_header_list(headers: AnyHeaders) -> Headers:
-    if not headers:
-        return []
-    pairs = headers.items() if isinstance(headers, dict) else headers
-    return [(name, value.encode() if isinstance(value, str) else (value or b"")) for name, value in pairs]
+# Header names and helpers are shared vocabulary; re-exported for the modules that write dead letters.
+from planpipe.messaging.headers import H_DETAIL as H_DETAIL
+from planpipe.messaging.headers import H_FIELD as H_FIELD
+from planpipe.messaging.headers import H_ORIGINAL_SHA256 as H_ORIGINAL_SHA256
+from planpipe.messaging.headers import H_ORIGINAL_SIZE as H_ORIGINAL_SIZE
+from planpipe.messaging.headers import H_REASON as H_REASON
+from planpipe.messaging.headers import H_REJECTED_AT as H_REJECTED_AT
+from planpipe.messaging.headers import H_SOURCE_FILE as H_SOURCE_FILE
+from planpipe.messaging.headers import H_SOURCE_OFFSET as H_SOURCE_OFFSET
+from planpipe.messaging.headers import H_SOURCE_PARTITION as H_SOURCE_PARTITION
+from planpipe.messaging.headers import H_SOURCE_TOPIC as H_SOURCE_TOPIC
+from planpipe.messaging.headers import H_STAGE as H_STAGE
+from planpipe.messaging.headers import H_TRACE_ID as H_TRACE_ID
+from planpipe.messaging.headers import H_TRUNCATED as H_TRUNCATED
+from planpipe.messaging.headers import OWN_PREFIX, Headers
+from planpipe.messaging.headers import AnyHeaders as AnyHeaders
+from planpipe.messaging.headers import as_header_list as as_header_list
+from planpipe.messaging.headers import header_map as header_map
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +46,7 @@ class DeadLetter:
     original_headers: Sequence[tuple[str, bytes]] = ()  # normalized with as_header_list
 
     def headers(self) -> Headers:
-        headers: Headers = [(name, value) for name, value in self.original_headers if not name.startswith("planpipe-")]
+        headers: Headers = [(name, value) for name, value in self.original_headers if not name.startswith(OWN_PREFIX)]
         headers += [
             (H_REASON, self.reason.value.encode()),
             (H_DETAIL, self.detail[:1024].encode(errors="replace")),
@@ -86,9 +76,3 @@ def fit_value(value: bytes, limit: int) -> tuple[bytes, Headers]:
         (H_ORIGINAL_SIZE, str(len(value)).encode()),
         (H_ORIGINAL_SHA256, hashlib.sha256(value).hexdigest().encode()),
     ]
-
-
-def header_map(headers: AnyHeaders | Sequence[tuple[str, bytes]]) -> dict[str, str]:
-    """Last value wins; values decoded leniently (headers are diagnostics, not data)."""
-    pairs = as_header_list(headers if isinstance(headers, dict) else list(headers or ()))
-    return {name: value.decode(errors="replace") for name, value in pairs}

@@ -9,10 +9,12 @@ from dataclasses import dataclass, field
 from typing import Final, Protocol
 
 from planpipe.contract import ContractViolation, EnvelopeDecoder, Reason
-from planpipe.dlq import H_TRACE_ID, AnyHeaders, DeadLetter, as_header_list
+from planpipe.dlq import DeadLetter
+from planpipe.messaging.headers import H_TRACE_ID, AnyHeaders, as_header_list
+from planpipe.messaging.keys import parse_message_key
+from planpipe.messaging.routes import RoutingConfig, ingest_route
 from planpipe.plans.fingerprint import PlanParseError, fingerprint
 from planpipe.plans.work import NO_WORK, plan_work
-from planpipe.routing.router import RoutingConfig, ingest_route, parse_message_key
 
 
 class KafkaRecord(Protocol):

@@ -51,7 +51,7 @@ def _ingest(args: argparse.Namespace, settings: Settings) -> int:
             )
 
     if args.metrics_port is not None:
-        from planpipe.routing.metrics import start_metrics_server
+        from planpipe.messaging.metrics import start_metrics_server
 
         start_metrics_server(args.metrics_port)
     engine = IngestEngine(settings, max_messages=args.max_messages, max_wait_s=args.max_wait, on_batch=progress)

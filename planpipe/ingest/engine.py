@@ -23,19 +23,20 @@ crash. Offsets have gaps (transaction markers, aborted transactions): the store
 fences on "not already committed", and Kafka offsets follow the consumer's
 position so a trailing marker never reads as lag.
 
+The loop's Kafka mechanics shared with the DLQ replay (record errors, lag, caught-up, fault
+points) are `planpipe.messaging.consumer.ConsumerLoop`; the order above is this module's.
+
 Engine code never imports Dagster: assets call `IngestEngine.run`.
 """
 
 import logging
-import os
-import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
-from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import OFFSET_INVALID, Consumer, KafkaException, Message, TopicPartition
 
 from planpipe import tracing
 from planpipe.contract import EnvelopeDecoder, Reason
@@ -51,7 +52,8 @@ from planpipe.ingest.batch import (
 from planpipe.ingest.breaker import LatencyBreaker, LockWaitThrottle
 from planpipe.ingest.sinks import Abandoned
 from planpipe.kafka_config import consumer_config
-from planpipe.routing.router import RoutingConfig
+from planpipe.messaging.consumer import ConsumerLoop, assignment_grace_s, fault_point
+from planpipe.messaging.routes import RoutingConfig
 from planpipe.settings import Settings
 
 logger = logging.getLogger("planpipe.ingest")
@@ -61,25 +63,6 @@ _KNOWN_FINGERPRINTS_MAX: Final = 200_000
 STALL_AFTER_S: Final = 60.0
 # A micro-batch holds at most this many bytes of envelopes (500 plans of 8 MiB would be 4 GiB).
 BATCH_MAX_BYTES: Final = 64 * 1024 * 1024
-
-
-def _fault_point(name: str) -> None:
-    """Fault injection for the crash-safety tests: SIGKILL ourselves at a named step.
-
-    PLANPIPE_FAULT_KILL_AT=<step>[:<batch number>] (1-based). Never set in production.
-    """
-    spec = os.environ.get("PLANPIPE_FAULT_KILL_AT")
-    if not spec:
-        return
-    step, _, nth = spec.partition(":")
-    if step != name:
-        return
-    _FAULT_COUNTS[name] = _FAULT_COUNTS.get(name, 0) + 1
-    if _FAULT_COUNTS[name] >= int(nth or "1"):
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-_FAULT_COUNTS: dict[str, int] = {}
 
 
 def split_by_bytes(records: list[Message], max_bytes: int) -> list[list[Message]]:
@@ -143,7 +126,9 @@ class RunSummary:
         return {p: n for p, n in sorted(self.final_lag.items()) if n > 0}
 
 
-class IngestEngine:
+class IngestEngine(ConsumerLoop):
+    _min_idle_polls = 3
+
     def __init__(
         self,
         settings: Settings,
@@ -178,9 +163,7 @@ class IngestEngine:
         self._sinks = sinks.BatchSinks(settings, self._stop, self.throttle, self._warn, client_id)
         extra: dict[str, str | int | bool] = {"client.id": client_id, "queued.max.messages.kbytes": PREFETCH_KBYTES}
         conf = consumer_config(settings, settings.consumer_group, **extra)
-        # A member that died keeps its partitions until its session times out; only
-        # after that (plus a rebalance) may "no assignment" mean "nothing for us".
-        self._assignment_grace_s = float(str(conf["session.timeout.ms"])) / 1000 + 15
+        self._assignment_grace_s = assignment_grace_s(conf)
         self._consumer = Consumer(conf)
 
     # -- partition assignment: PostgreSQL is the source of truth for positions ------------
@@ -318,21 +301,6 @@ class IngestEngine:
         )
         return records
 
-    def _usable(self, record: Message) -> bool:
-        error = record.error()
-        if error is None:
-            return True
-        if error.code() == KafkaError._PARTITION_EOF:
-            return False
-        if error.fatal() or error.code() in (
-            KafkaError.TOPIC_AUTHORIZATION_FAILED,
-            KafkaError.GROUP_AUTHORIZATION_FAILED,
-        ):
-            raise KafkaException(error)
-        # Broker restarts surface as unknown partition / transport errors: librdkafka recovers.
-        self._warn(f"record-{error.code()}", f"transient consumer error: {error}")
-        return False
-
     def _idle_caught_up(self, *, waited_s: float, idle_polls: int) -> bool:
         """Caught up, judged from the watermarks of the last fetch responses (no broker round trip:
         a lingering run polls every batch wait, and six ListOffsets per poll delayed the records
@@ -345,50 +313,6 @@ class IngestEngine:
             return False
         self._last_uncached_lag = now
         return bool(self._caught_up(waited_s=waited_s, idle_polls=idle_polls, cached=False))
-
-    def _caught_up(self, *, waited_s: float, idle_polls: int, cached: bool = False) -> bool | None:
-        """None: cached watermarks do not cover every assigned partition yet."""
-        assignment = self._consumer.assignment()
-        if not assignment:
-            # In a group with more members than partitions we may never get any.
-            return waited_s > self._assignment_grace_s and idle_polls >= 3
-        lags = self.lag(cached=cached)
-        if len(lags) < len(assignment):
-            return None if cached else False
-        return all(lag == 0 for lag in lags.values())
-
-    def lag(self, *, cached: bool = False) -> dict[int, int]:
-        """Per assigned partition: high watermark minus our position (unreadable partitions omitted).
-
-        The position moves past transaction markers, so a partition whose last offset
-        is a commit marker reads as caught up.
-        """
-        try:
-            assignment = self._consumer.assignment()
-            if not assignment:
-                return {}
-            # position() is unknown for a partition we seeked to but have not fetched from yet.
-            known = dict(self._next_offsets)
-            known.update({tp.partition: tp.offset for tp in self._consumer.position(assignment) if tp.offset >= 0})
-            unknown = [tp for tp in assignment if tp.partition not in known]
-            if unknown:
-                for tp in self._consumer.committed(unknown, timeout=10):
-                    if tp.offset >= 0:
-                        known[tp.partition] = tp.offset
-        except KafkaException as error:
-            self._warn("lag", f"lag unavailable: {error}")
-            return {}
-        result: dict[int, int] = {}
-        for tp in assignment:
-            try:
-                low, high = self._consumer.get_watermark_offsets(tp, timeout=5, cached=cached)
-            except KafkaException as error:  # e.g. _UNKNOWN_PARTITION while a broker restarts
-                self._warn("watermarks", f"watermarks of partition {tp.partition} unavailable: {error}")
-                continue
-            if high < 0:  # cached: no fetch response for this partition yet
-                continue
-            result[tp.partition] = max(0, high - known.get(tp.partition, low))
-        return result
 
     def _advance_past_markers(self) -> None:
         """Idle: let Kafka's committed offsets follow positions that moved past control records."""
@@ -435,7 +359,7 @@ class IngestEngine:
             drop_low_priority=self.breaker.is_open,
             known_fingerprints=self._known_fingerprints,
         )
-        _fault_point("after_decode")
+        fault_point("after_decode")
         decoded_at = parquet_started = parquet_done = commit_started = time.time()  # stage times: traces
         published = 0
         written: list[parquet_sink.WrittenFile] = []
@@ -448,7 +372,7 @@ class IngestEngine:
                 parquet_started = time.time()
                 written = self._sinks.write_parquet(batch, replacing=written)
                 parquet_done = time.time()
-                _fault_point("after_parquet")
+                fault_point("after_parquet")
                 new_plans = sinks.identify_new_plans(batch)
                 relative = [str(w.path.relative_to(self.parquet_root)) for w in written]
                 commit_started = time.time()
@@ -480,11 +404,11 @@ class IngestEngine:
                 batch = isolate.without_rejects(batch, rejects, records)
                 summary.sink_rejected += len(rejects)
                 metrics.SINK_REJECTED.inc(len(rejects))
-        _fault_point("after_pg_commit")
+        fault_point("after_pg_commit")
         self._last_commit = time.monotonic()
         self._remember(new_plans)
         self._commit_kafka(batch, positions)
-        _fault_point("after_kafka_commit")
+        fault_point("after_kafka_commit")
         trim_heap()  # the batch's memory goes back to the OS before the next consume
         times = tracing.BatchTimes(batch_started, decoded_at, parquet_started, parquet_done, commit_started,
                                    result.committed_at)  # fmt: skip

@@ -7,7 +7,7 @@ from typing import Final
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from planpipe.routing.metrics import REGISTRY
+from planpipe.messaging.metrics import REGISTRY
 
 _MS_BUCKETS: Final = (5, 10, 25, 50, 100, 200, 300, 500, 800, 1200, 2000, 5000, 10000, 30000)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import psycopg
 
-from planpipe.routing.router import RETENTION_DAYS
+from planpipe.messaging.routes import RETENTION_DAYS
 
 
 @dataclass(frozen=True)

@@ -1,38 +1,53 @@
 """What the DLQ replay does with one dead letter: correct and re-route it, retry it, or park it.
 
-Pure apart from the router's metrics: the same letter always gets the same decision, which is
+Pure (apart from what an injected router counts): the same letter always gets the same decision, which is
 what makes a replayed batch after a crash decide identically.
 """
 
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Final, Literal, Protocol
 
 from confluent_kafka import Message
 
-from planpipe.contract import EnvelopeDecoder, Reason, encode_envelope
-from planpipe.dlq import (
+from planpipe.contract import Envelope, EnvelopeDecoder, Reason, encode_envelope
+from planpipe.messaging.headers import (
     H_CORRECTION_RULE,
+    H_DLQ_OFFSET,
+    H_DLQ_PARTITION,
+    H_DLQ_TOPIC,
     H_REASON,
+    H_REPLAY_REASON,
+    H_REPLAYED_AT,
     H_SOURCE_FILE,
     H_SOURCE_OFFSET,
     H_SOURCE_PARTITION,
     H_SOURCE_TOPIC,
     H_STAGE,
     H_TRACE_ID,
+    OWN_PREFIX,
     as_header_list,
     header_map,
 )
 from planpipe.replay.rules import RULES, Corrected, Rule, correct
-from planpipe.routing.router import Router
 
-# Headers added to a republished envelope (the source ones reuse planpipe.dlq's names).
-H_DLQ_TOPIC: Final = "planpipe-dlq-topic"
-H_DLQ_PARTITION: Final = "planpipe-dlq-partition"
-H_DLQ_OFFSET: Final = "planpipe-dlq-offset"
-H_REPLAY_REASON: Final = "planpipe-replay-reason"
-H_REPLAYED_AT: Final = "planpipe-replayed-at"
+
+class Routed(Protocol):
+    """What re-routing tells the replay: the Kafka key, and whether the sampler keeps it."""
+
+    @property
+    def key(self) -> bytes: ...
+    @property
+    def sampled(self) -> bool: ...
+
+
+class EnvelopeRouter(Protocol):
+    """Re-routes a corrected envelope. Injected by the caller: `messaging.routes.StaticRouter`
+    by default, or the capture side's `routing.router.Router` (both fit)."""
+
+    def route_envelope(self, envelope: Envelope, /) -> Routed: ...
+
 
 NO_RULES_APPLIED: Final = "none"
 MISSING_REASON: Final = "<missing>"
@@ -132,9 +147,9 @@ Decision = Republish | Park | Skip
 
 
 def decide(
-    letter: Letter, *, decoder: EnvelopeDecoder, router: Router, rules: Sequence[Rule] = RULES
+    letter: Letter, *, decoder: EnvelopeDecoder, router: EnvelopeRouter, rules: Sequence[Rule] = RULES
 ) -> Republish | Park | Skip:
-    """What to do with one DLQ record. Pure apart from the router's metrics."""
+    """What to do with one DLQ record. Pure apart from what `router` counts."""
     reason = letter.reason
     kind = disposition(reason)
     if kind is Disposition.PARK:
@@ -160,7 +175,7 @@ def decide(
 def republish_headers(decision: Republish, replayed_at: float) -> list[tuple[str, bytes]]:
     """Original (non-planpipe) headers, trace-id, the DLQ and source coordinates, the rules."""
     letter = decision.letter
-    headers = [(name, value) for name, value in letter.headers if not name.startswith("planpipe-")]
+    headers = [(name, value) for name, value in letter.headers if not name.startswith(OWN_PREFIX)]
     if H_TRACE_ID not in letter.meta and decision.trace_id:
         headers.append((H_TRACE_ID, decision.trace_id.encode()))
     topic, partition, offset = letter.coords

@@ -5,7 +5,8 @@ One Kafka transaction per micro-batch of DLQ records:
 1. consume up to `max_messages` records of `settings.dlq_topic` (own group,
    `settings.replay_group`, read_committed);
 2. decide each record (pure): correct it with `planpipe.replay.rules`, route it
-   with the capture side's `Router` (same key and sampling), or park it; then
+   with the capture side's static rules (`planpipe.messaging.routes.StaticRouter`, or
+   a router the caller injects: same key and sampling), or park it; then
    skip duplicates: a source record already handled from another DLQ record
    (the ingest engine's DLQ is at-least-once), or a DLQ record another replay
    group already recorded;
@@ -27,8 +28,6 @@ Engine code never imports Dagster: the replay job calls `run_replay`.
 """
 
 import logging
-import os
-import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -39,35 +38,31 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 
 from planpipe.contract import EnvelopeDecoder
 from planpipe.kafka_config import consumer_config, producer_config
-from planpipe.replay.decide import MISSING_REASON, Decision, Letter, Park, Republish, decide, republish_headers
+from planpipe.messaging.consumer import ConsumerLoop, Deliveries, assignment_grace_s, fault_point
+from planpipe.messaging.routes import RoutingConfig, StaticRouter
+from planpipe.replay.decide import (
+    MISSING_REASON,
+    Decision,
+    EnvelopeRouter,
+    Letter,
+    Park,
+    Republish,
+    decide,
+    republish_headers,
+)
 from planpipe.replay.rules import RULES, Rule
 from planpipe.replay.store import ReplayStore
-from planpipe.routing.router import Router, RoutingConfig
 from planpipe.settings import Settings
 
 logger = logging.getLogger("planpipe.replay")
 
 _KAFKA_TIMEOUT_S: Final = 30.0
 _COMMIT_ATTEMPTS: Final = 5
-_FAULT_ENV: Final = "PLANPIPE_FAULT_KILL_AT"
-_FAULT_COUNTS: dict[str, int] = {}
+# Crash-safety tests kill the replay at these `fault_point` steps: replay_after_produce, replay_before_commit.
 
 
-def _fault_point(name: str) -> None:
-    """Crash-safety tests: SIGKILL ourselves at a named step (as in the ingest engine).
-
-    PLANPIPE_FAULT_KILL_AT=<step>[:<batch number>]; steps `replay_after_produce`,
-    `replay_before_commit`. Never set in production.
-    """
-    spec = os.environ.get(_FAULT_ENV)
-    if not spec:
-        return
-    step, _, nth = spec.partition(":")
-    if step != name:
-        return
-    _FAULT_COUNTS[name] = _FAULT_COUNTS.get(name, 0) + 1
-    if _FAULT_COUNTS[name] >= int(nth or "1"):
-        os.kill(os.getpid(), signal.SIGKILL)
+def _log_warning(_key: str, message: str) -> None:
+    logger.warning(message)
 
 
 @dataclass
@@ -110,31 +105,12 @@ class ReplaySummary:
         per_reason[outcome] = per_reason.get(outcome, 0) + 1
 
 
-class _Deliveries:
-    """Delivery reports of one transaction: errors, and the partitions written (each gets a
-    transaction marker, which takes an offset no consumer sees)."""
-
-    def __init__(self) -> None:
-        self.errors: list[str] = []
-        self.partitions: set[int] = set()
-        self.records = 0
-
-    def __call__(self, error: KafkaError | None, message: Message) -> None:
-        if error is not None:
-            self.errors.append(f"{message.topic()}[{message.partition()}]: {error}")
-        else:
-            partition = message.partition()
-            if partition is not None:
-                self.partitions.add(partition)
-            self.records += 1
-
-
 def transactional_id(settings: Settings) -> str:
     # One id per replay group: a restarted replay fences (and aborts) its crashed predecessor.
     return f"planpipe-replay.{settings.replay_group}"
 
 
-class ReplayEngine:
+class ReplayEngine(ConsumerLoop):
     def __init__(
         self,
         settings: Settings,
@@ -143,6 +119,7 @@ class ReplayEngine:
         max_wait_s: float | None = None,
         rules: Sequence[Rule] = RULES,
         routing: RoutingConfig | None = None,
+        router: EnvelopeRouter | None = None,
         progress: Callable[[ReplaySummary], None] | None = None,
         client_id: str = "planpipe-replay",
     ) -> None:
@@ -153,8 +130,11 @@ class ReplayEngine:
         self.max_wait_s = max_wait_s if max_wait_s is not None else settings.batch_max_wait_s
         self.rules = tuple(rules)
         self.decoder = EnvelopeDecoder(settings.max_plan_bytes)
-        # The capture side's routing and sampling, so a corrected envelope gets the key it would have had.
-        self.router = Router(routing or RoutingConfig(sample_rate_pct=settings.sample_rate_pct), decoder=self.decoder)
+        # The capture side's static routing and sampling, so a corrected envelope gets the key it
+        # would have had; a caller may inject the capture side's own `Router` instead.
+        self.router: EnvelopeRouter = router or StaticRouter(
+            routing or RoutingConfig(sample_rate_pct=settings.sample_rate_pct)
+        )
         self.progress = progress
         self._stop = threading.Event()
         self._store = ReplayStore(settings.pg_dsn, replay_group=settings.replay_group, topic=settings.topic)
@@ -168,7 +148,9 @@ class ReplayEngine:
         # whose pending offset commit would otherwise block our offset fetch.
         self._producer.init_transactions(_KAFKA_TIMEOUT_S)
         conf = consumer_config(settings, settings.replay_group, **{"client.id": client_id})
-        self._assignment_grace_s = float(str(conf["session.timeout.ms"])) / 1000 + 15
+        self._assignment_grace_s = assignment_grace_s(conf)
+        self._next_offsets: dict[int, int] = {}
+        self._warn = _log_warning
         self._consumer = Consumer(conf)
 
     def stop(self) -> None:
@@ -193,59 +175,12 @@ class ReplayEngine:
                 self._process(records, summary)
                 if self.progress is not None:
                     self.progress(summary)
-            elif until_caught_up and self._caught_up(time.monotonic() - started):
+            elif until_caught_up and self._caught_up(waited_s=time.monotonic() - started):
                 summary.caught_up = True
                 break
         summary.seconds = round(time.monotonic() - started, 3)
         summary.final_lag = self.lag()
         return summary
-
-    def _usable(self, record: Message) -> bool:
-        error = record.error()
-        if error is None:
-            return True
-        if error.code() == KafkaError._PARTITION_EOF:
-            return False
-        if error.fatal() or error.code() in (
-            KafkaError.TOPIC_AUTHORIZATION_FAILED,
-            KafkaError.GROUP_AUTHORIZATION_FAILED,
-        ):
-            raise KafkaException(error)
-        # Broker restarts surface as unknown partition / transport errors: librdkafka recovers.
-        logger.warning("transient consumer error: %s", error)
-        return False
-
-    def _caught_up(self, waited_s: float) -> bool:
-        if not self._consumer.assignment():
-            # Another member may own every partition; only after a session timeout is that final.
-            return waited_s > self._assignment_grace_s
-        lags = self.lag()
-        return len(lags) == len(self._consumer.assignment()) and all(lag == 0 for lag in lags.values())
-
-    def lag(self) -> dict[int, int]:
-        """Per assigned DLQ partition: high watermark minus our position (unreadable ones omitted)."""
-        try:
-            assignment = self._consumer.assignment()
-            if not assignment:
-                return {}
-            known = {tp.partition: tp.offset for tp in self._consumer.position(assignment) if tp.offset >= 0}
-            unknown = [tp for tp in assignment if tp.partition not in known]
-            if unknown:
-                known.update(
-                    {tp.partition: tp.offset for tp in self._consumer.committed(unknown, timeout=10) if tp.offset >= 0}
-                )
-        except KafkaException as error:  # a broker restarting: unknown for now, not fatal
-            logger.warning("DLQ lag unavailable: %s", error)
-            return {}
-        result = {}
-        for tp in assignment:
-            try:
-                low, high = self._consumer.get_watermark_offsets(tp, timeout=5, cached=False)
-            except KafkaException as error:
-                logger.warning("watermarks of DLQ partition %s unavailable: %s", tp.partition, error)
-                continue
-            result[tp.partition] = max(0, high - known.get(tp.partition, low))
-        return result
 
     # -- one batch, one transaction ----------------------------------------------------------
     def _process(self, records: list[Message], summary: ReplaySummary) -> None:
@@ -260,16 +195,16 @@ class ReplayEngine:
         offsets = [TopicPartition(t, p, o) for (t, p), o in next_offsets.items()]
 
         self._producer.begin_transaction()
-        written = _Deliveries()
+        written = Deliveries()
         recorded: int | None = None
         try:
             self._produce([d for d in decisions if isinstance(d, Republish)], written)
-            _fault_point("replay_after_produce")
+            fault_point("replay_after_produce")
             self._producer.send_offsets_to_transaction(
                 offsets, self._consumer.consumer_group_metadata(), _KAFKA_TIMEOUT_S
             )
             recorded = self._store.record(decisions, written.partitions, written.records)
-            _fault_point("replay_before_commit")
+            fault_point("replay_before_commit")
             self._commit()
         except BaseException:
             self._abort()
@@ -281,7 +216,7 @@ class ReplayEngine:
             if isinstance(decision, Park):
                 logger.warning("parked %s:%d@%d: %s", *decision.letter.coords, decision.why)
 
-    def _produce(self, republish: list[Republish], delivery: _Deliveries) -> None:
+    def _produce(self, republish: list[Republish], delivery: Deliveries) -> None:
         if not republish:
             return
         now = time.time()
@@ -322,13 +257,14 @@ def run_replay(
     until_caught_up: bool = True,
     max_messages: int | None = None,
     progress: Callable[[ReplaySummary], None] | None = None,
+    router: EnvelopeRouter | None = None,
 ) -> ReplaySummary:
     """Replay `settings.dlq_topic` into `settings.topic` until caught up (or `max_seconds`).
 
     Raises on a Kafka or PostgreSQL failure after aborting the open transaction;
     calling it again resumes from the last committed batch.
     """
-    engine = ReplayEngine(settings, max_messages=max_messages, progress=progress)
+    engine = ReplayEngine(settings, max_messages=max_messages, progress=progress, router=router)
     try:
         return engine.run(until_caught_up=until_caught_up, max_seconds=max_seconds)
     finally:

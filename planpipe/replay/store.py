@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import msgspec
 import psycopg
 
-from planpipe.dlq import H_DETAIL, H_FIELD, H_STAGE
+from planpipe.messaging.headers import H_DETAIL, H_FIELD, H_STAGE
 from planpipe.replay.decide import Coords, Decision, Park, Republish, Skip
 
 logger = logging.getLogger("planpipe.replay")

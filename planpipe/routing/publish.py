@@ -22,8 +22,11 @@ from opentelemetry.context import Context
 
 from planpipe import tracing
 from planpipe.contract import EnvelopeDecoder
-from planpipe.dlq import H_REASON, H_TRACE_ID, DeadLetter, fit_value, header_map
+from planpipe.dlq import DeadLetter, fit_value
 from planpipe.kafka_config import size_limits
+from planpipe.messaging.headers import H_REASON, H_TRACE_ID, header_map
+from planpipe.messaging.headers import H_ROUTE as H_ROUTE
+from planpipe.messaging.headers import H_SOURCE_LINE as H_SOURCE_LINE
 from planpipe.routing import metrics
 from planpipe.routing.candidates import BaselineLatencies, RegressionCandidates
 from planpipe.routing.producer import DEFAULT_COOLDOWN_S, PlanProducer, ProducerStats
@@ -41,9 +44,6 @@ from planpipe.topology import load_topology
 
 logger = logging.getLogger("planpipe.publish")
 
-H_ROUTE: Final = "planpipe-route"
-# dlq.DeadLetter has a source-file field but no line; the line rides beside it.
-H_SOURCE_LINE: Final = "planpipe-source-line"
 
 DEFAULT_SEND_BATCH: Final = 500
 

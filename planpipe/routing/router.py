@@ -1,16 +1,15 @@
-"""Routing rules, deterministic sampling, Kafka keys and the bounded event queue.
+"""The router (decode, validate, route, prioritise, key, sample) and the bounded event queue.
 
-Pure library code: no Kafka I/O. Every decision is a function of the envelope,
-the `RoutingConfig`, the cluster topology and the current regression-candidate
+The static rules, keys and retention are shared vocabulary (`planpipe.messaging`); the router
+adds the run-time snapshots and its metrics. Pure library code: no Kafka I/O. Every decision
+is a function of the envelope, the `RoutingConfig`, the cluster topology and the current regression-candidate
 and baseline-latency snapshots, so replaying the same capture against the same
 snapshots gives the same route, priority, key, topic and sampling outcome (the
 routing guide's precondition for incident reconstruction).
 """
 
 import collections
-import hashlib
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable, Container, Mapping
@@ -28,132 +27,28 @@ from planpipe.contract import (
     Reason,
     Route,
 )
+
+# The shared vocabulary lives in `planpipe.messaging`; re-exported for the producing side.
+from planpipe.messaging.keys import message_key as message_key
+from planpipe.messaging.keys import parse_message_key as parse_message_key
+from planpipe.messaging.routes import DEFAULT_CONFIG as DEFAULT_CONFIG
+from planpipe.messaging.routes import DEFAULT_LATENCY_MULTIPLIER as DEFAULT_LATENCY_MULTIPLIER
+from planpipe.messaging.routes import DEFAULT_QUEUE_CAPACITY as DEFAULT_QUEUE_CAPACITY
+from planpipe.messaging.routes import RETENTION_DAYS as RETENTION_DAYS
+from planpipe.messaging.routes import RoutingConfig as RoutingConfig
+from planpipe.messaging.routes import ingest_route as ingest_route
+from planpipe.messaging.routes import is_sampled as is_sampled
+from planpipe.messaging.routes import priority_for as priority_for
+from planpipe.messaging.routes import route_for as route_for
 from planpipe.routing import metrics
 
 logger = logging.getLogger("planpipe.router")
 
-DEFAULT_QUEUE_CAPACITY: Final = 10_000
-# Routing guide, "latency multipliers against historical baselines": a plan slower than k x its
-# query's baseline p95 is critical. k is not given there; 3 flags clear outliers, not noise.
-DEFAULT_LATENCY_MULTIPLIER: Final = 3.0
-
-# The guide names 7 days for critical and 30 for baseline; DDL gets its own
-# index but keeps the baseline retention.
-RETENTION_DAYS: Final[Mapping[Route, int]] = MappingProxyType({"critical": 7, "baseline": 30, "ddl": 30})
-
-_PRIORITY_BY_NAME: Final[Mapping[str, Priority]] = MappingProxyType({p: p for p in PRIORITIES})
 # Resolved once: `Counter.labels()` takes a lock and a dict lookup per call.
 _INGESTED = {(r, p): metrics.INGESTED.labels(route=r, priority=p) for r in ROUTES for p in PRIORITIES}
 _DROPPED_SAMPLED_OUT: Final = metrics.DROPPED.labels(reason="sampled_out")
 _DROPPED_SCHEMA: Final = metrics.DROPPED.labels(reason="schema_violation")
 _DROPPED_OVERFLOW: Final = metrics.DROPPED.labels(reason="queue_overflow")
-
-
-def _check_rate(sample_rate_pct: int) -> None:
-    if isinstance(sample_rate_pct, bool) or not isinstance(sample_rate_pct, int):
-        raise TypeError(f"sample_rate_pct must be an int, got {sample_rate_pct!r}")
-    if not 0 <= sample_rate_pct <= 100:
-        raise ValueError(f"sample_rate_pct must be within 0..100, got {sample_rate_pct}")
-
-
-@dataclass(frozen=True, slots=True)
-class RoutingConfig:
-    critical_time_ms: float = 5000.0
-    critical_rows: int = 1_000_000
-    sample_rate_pct: int = 100
-    queue_capacity: int = DEFAULT_QUEUE_CAPACITY
-    # None or 0: no latency-multiplier rule.
-    latency_multiplier: float | None = DEFAULT_LATENCY_MULTIPLIER
-
-    def __post_init__(self) -> None:
-        _check_rate(self.sample_rate_pct)
-        k = self.latency_multiplier
-        if k is not None and not (math.isfinite(k) and k >= 0):
-            raise ValueError(f"latency_multiplier must be finite and >= 0, got {k}")
-        if not (math.isfinite(self.critical_time_ms) and self.critical_time_ms >= 0):
-            raise ValueError(f"critical_time_ms must be finite and >= 0, got {self.critical_time_ms}")
-        if self.critical_rows < 0:
-            raise ValueError(f"critical_rows must be >= 0, got {self.critical_rows}")
-        if self.queue_capacity < 1:
-            raise ValueError(f"queue_capacity must be >= 1, got {self.queue_capacity}")
-
-
-DEFAULT_CONFIG: Final = RoutingConfig()
-
-
-def route_for(
-    envelope: Envelope, config: RoutingConfig = DEFAULT_CONFIG, baseline_p95_ms: float | None = None
-) -> Route:
-    """The guide's precedence: explicit tag, then the latency multiplier against the query's
-    baseline p95 (when one is known), then DDL, then critical thresholds, else baseline."""
-    if envelope.route_tag is not None:
-        return envelope.route_tag
-    k = config.latency_multiplier
-    if k and baseline_p95_ms is not None and envelope.total_time_ms > k * baseline_p95_ms:
-        return "critical"
-    if envelope.query_type is not None and envelope.query_type.casefold() == "ddl":
-        return "ddl"
-    # Strictly greater: a query at exactly the threshold is still baseline.
-    if envelope.total_time_ms > config.critical_time_ms or envelope.actual_rows > config.critical_rows:
-        return "critical"
-    return "baseline"
-
-
-def ingest_route(envelope: Envelope, key_priority: str, config: RoutingConfig = DEFAULT_CONFIG) -> Route:
-    """The route the router chose, as the consumer can tell it: the static rules, and `critical`
-    when the key says the router made it critical on its own (the latency multiplier judged it
-    against baselines of that moment; no explicit priority or tag was given)."""
-    route = route_for(envelope, config)
-    if route != "critical" and key_priority == "critical" and envelope.priority is None and envelope.route_tag is None:
-        return "critical"
-    return route
-
-
-def is_sampled(query_hash: str, sample_rate_pct: int) -> bool:
-    """`int(sha256(query_hash)) % 100 < rate`: same answer in every process and after restarts.
-
-    sha256 rather than `hash()`, whose str hashing is salted per process
-    (PYTHONHASHSEED), so a restart would resample a different set of queries.
-    """
-    _check_rate(sample_rate_pct)
-    if sample_rate_pct == 100:
-        return True
-    if sample_rate_pct == 0:
-        return False
-    # Same integer as int(hexdigest(), 16), without the hex round trip.
-    digest = hashlib.sha256(query_hash.encode("utf-8")).digest()
-    return int.from_bytes(digest, "big") % 100 < sample_rate_pct
-
-
-def priority_for(envelope: Envelope, route: Route, regression_candidates: Container[str]) -> Priority:
-    """Explicit priority wins; `low` only ever comes from the capture agent."""
-    if envelope.priority is not None:
-        return envelope.priority
-    if envelope.query_hash in regression_candidates:
-        return "regression_candidate"
-    if route == "critical":
-        return "critical"
-    return "standard"
-
-
-def message_key(priority: Priority, query_hash: str) -> bytes:
-    """Kafka key `{priority}:{query_hash}`; one query always lands on one partition per priority."""
-    return f"{priority}:{query_hash}".encode()
-
-
-def parse_message_key(key: bytes) -> tuple[Priority, str]:
-    """Inverse of `message_key`. Raises ValueError for anything it could not have produced."""
-    try:
-        text = bytes(key).decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise ValueError(f"message key is not UTF-8: {key!r}") from error
-    # Priority names contain no ':', so the first ':' is the separator even when
-    # the query hash itself contains colons.
-    name, sep, query_hash = text.partition(":")
-    priority = _PRIORITY_BY_NAME.get(name)
-    if not sep or priority is None or not query_hash:
-        raise ValueError(f"not a '{{priority}}:{{query_hash}}' message key: {key!r}")
-    return priority, query_hash
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,20 +15,22 @@ from confluent_kafka import Consumer, Message, Producer, TopicPartition
 
 from planpipe.contract import Envelope, EnvelopeDecoder, Reason, encode_envelope
 from planpipe.db.migrate import migrate
-from planpipe.dlq import (
+from planpipe.dlq import DeadLetter
+from planpipe.ingest.lag import group_lag
+from planpipe.ingest.reconcile import reconcile, record_lag_sample
+from planpipe.kafka_config import consumer_config, producer_config
+from planpipe.messaging.headers import (
     H_CORRECTION_RULE,
+    H_DLQ_OFFSET,
+    H_DLQ_PARTITION,
+    H_DLQ_TOPIC,
     H_SOURCE_OFFSET,
     H_SOURCE_PARTITION,
     H_SOURCE_TOPIC,
     H_TRACE_ID,
-    DeadLetter,
     header_map,
 )
-from planpipe.ingest.lag import group_lag
-from planpipe.ingest.reconcile import reconcile, record_lag_sample
-from planpipe.kafka_config import consumer_config, producer_config
 from planpipe.replay import cli as replay_cli
-from planpipe.replay.decide import H_DLQ_OFFSET, H_DLQ_PARTITION, H_DLQ_TOPIC
 from planpipe.replay.engine import ReplaySummary, run_replay
 from planpipe.routing.router import Router, RoutingConfig
 from planpipe.settings import Settings

@@ -6,22 +6,22 @@ import msgspec
 import pytest
 
 from planpipe.contract import Envelope, EnvelopeDecoder, Reason
-from planpipe.dlq import (
+from planpipe.dlq import DeadLetter
+from planpipe.messaging.headers import (
     H_CORRECTION_RULE,
+    H_DLQ_OFFSET,
+    H_DLQ_PARTITION,
+    H_DLQ_TOPIC,
     H_REASON,
     H_SOURCE_OFFSET,
     H_SOURCE_PARTITION,
     H_SOURCE_TOPIC,
     H_STAGE,
     H_TRACE_ID,
-    DeadLetter,
     header_map,
 )
 from planpipe.replay import decide as decisions
 from planpipe.replay.decide import (
-    H_DLQ_OFFSET,
-    H_DLQ_PARTITION,
-    H_DLQ_TOPIC,
     Disposition,
     Letter,
     Park,

@@ -195,14 +195,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    from planpipe.errors import OperatorError
     from planpipe.redact import mask_text
-    from planpipe.stack.errors import StackError
 
     settings = load_settings()
     try:
         handler: Handler = getattr(args, "handler", None) or _COMMANDS[args.command]
         return handler(args, settings)
-    except StackError as error:
+    except OperatorError as error:  # StackError, SpoolInUse, ...: one line, no traceback
         print(f"planpipe {args.command}: {mask_text(str(error))}", file=sys.stderr)
         if error.details:
             print(textwrap.indent(mask_text(error.details), "  | "), file=sys.stderr)

@@ -15,6 +15,8 @@ from typing import Annotated, Final, Literal
 
 import msgspec
 
+from planpipe.errors import PlanpipeError
+
 DEFAULT_MAX_PLAN_BYTES: Final = 8 * 1024 * 1024
 
 Priority = Literal["low", "standard", "critical", "regression_candidate"]
@@ -86,7 +88,7 @@ class Reason(enum.StrEnum):
     SINK_REJECTED = "sink_rejected"
 
 
-class ContractViolation(Exception):
+class ContractViolation(PlanpipeError):
     # A plain exception, not a frozen dataclass: `contextlib.contextmanager`
     # assigns `__traceback__` on exceptions passing through a `with`, which a
     # frozen slots dataclass turns into a TypeError. Passing the fields to

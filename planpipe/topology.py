@@ -28,13 +28,15 @@ from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
 
+from planpipe.errors import PlanpipeError
+
 if TYPE_CHECKING:  # settings.py applies PLANPIPE_REGION through this module
     from planpipe.settings import Settings
 
 _REGION_NAME: Final = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 
 
-class TopologyError(ValueError):
+class TopologyError(PlanpipeError, ValueError):
     """The topology file is missing, unreadable or inconsistent."""
 
 

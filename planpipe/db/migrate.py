@@ -14,6 +14,7 @@ from typing import Final
 
 import psycopg
 
+from planpipe.errors import PlanpipeError
 from planpipe.settings import REPO_ROOT
 
 _LOCK_KEY: Final = 0x706C616E  # "plan"
@@ -52,7 +53,7 @@ def discover(directory: Path | None = None) -> list[Migration]:
     return found
 
 
-class MigrationError(RuntimeError):
+class MigrationError(PlanpipeError, RuntimeError):
     pass
 
 

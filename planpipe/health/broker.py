@@ -22,6 +22,7 @@ import msgspec
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
+from planpipe.errors import PlanpipeError
 from planpipe.kafka_config import admin_config
 from planpipe.settings import Settings
 
@@ -31,7 +32,7 @@ DEGRADED_AFTER_S: Final = 120.0  # ... for > 2 minutes
 RECOVERED_AFTER_S: Final = 60.0
 
 
-class HealthUnavailable(RuntimeError):
+class HealthUnavailable(PlanpipeError, RuntimeError):
     """The cluster did not answer the metadata request."""
 
 

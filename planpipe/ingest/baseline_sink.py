@@ -25,6 +25,7 @@ import msgspec
 import polars as pl
 import psycopg
 
+from planpipe.errors import PlanpipeError
 from planpipe.ingest.batch import OffsetRange, PreparedBatch
 from planpipe.plans import latency
 
@@ -37,11 +38,11 @@ _TABLES: Final = (
 )
 
 
-class StaleBatchError(RuntimeError):
+class StaleBatchError(PlanpipeError, RuntimeError):
     """The partition's stored offset moved on: another consumer committed these records."""
 
 
-class LockWaitTimeout(RuntimeError):
+class LockWaitTimeout(PlanpipeError, RuntimeError):
     """`lock_timeout` expired while taking the batch's locks; the batch is retried."""
 
     def __init__(self, waited_ms: float, detail: str) -> None:

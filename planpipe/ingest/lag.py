@@ -18,6 +18,7 @@ from typing import Final
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient
 
+from planpipe.errors import PlanpipeError
 from planpipe.kafka_config import admin_config, consumer_config
 from planpipe.settings import Settings
 
@@ -45,7 +46,7 @@ class PartitionLag:
         return max(0, self.high - start)
 
 
-class LagUnavailable(RuntimeError):
+class LagUnavailable(PlanpipeError, RuntimeError):
     pass
 
 

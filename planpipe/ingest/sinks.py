@@ -19,6 +19,7 @@ import psycopg
 from confluent_kafka import KafkaError, Message, Producer
 
 from planpipe.dlq import DeadLetter
+from planpipe.errors import PlanpipeError
 from planpipe.ingest import baseline_sink, faults, metrics, parquet_sink
 from planpipe.ingest.batch import PreparedBatch
 from planpipe.ingest.breaker import LockWaitThrottle
@@ -32,7 +33,7 @@ _T = TypeVar("_T")
 NewPlans = dict[str, tuple[str, str]]  # fingerprint → (normalized plan JSON, one-line summary)
 
 
-class Abandoned(Exception):
+class Abandoned(PlanpipeError):
     """A stop was requested while a batch waited out a fault: it is dropped uncommitted (safe)."""
 
 

@@ -50,11 +50,11 @@ from typing import IO, Any, Final, Protocol, Self
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from prometheus_client import Counter, Gauge
 
+from planpipe.errors import OperatorError
 from planpipe.kafka_config import producer_config
 from planpipe.routing import metrics
 from planpipe.routing.spool import OutRecord, Spool
 from planpipe.settings import Settings
-from planpipe.stack.errors import StackError
 
 logger = logging.getLogger("planpipe.producer")
 
@@ -190,7 +190,7 @@ class CircuitBreaker:
         self.times_opened += 1
 
 
-class SpoolInUse(StackError):
+class SpoolInUse(OperatorError, RuntimeError):
     """Another process (or producer) owns this spool file."""
 
 

@@ -31,6 +31,7 @@ import msgspec
 import redis
 
 from planpipe.contract import PRIORITIES
+from planpipe.errors import PlanpipeError
 from planpipe.routing.router import parse_message_key
 from planpipe.routing.spool import OutRecord
 
@@ -45,7 +46,7 @@ _headers_encoder = msgspec.msgpack.Encoder()
 _headers_decoder = msgspec.msgpack.Decoder(list[tuple[str, bytes]])
 
 
-class QueueUnavailable(Exception):
+class QueueUnavailable(PlanpipeError):
     """Redis did not answer or refused the write; nothing of the batch was stored."""
 
 

@@ -27,6 +27,7 @@ from planpipe.contract import (
     Reason,
     Route,
 )
+from planpipe.errors import PlanpipeError
 
 # The shared vocabulary lives in `planpipe.messaging`; re-exported for the producing side.
 from planpipe.messaging.keys import message_key as message_key
@@ -188,7 +189,7 @@ class _HasQueryHash(Protocol):
 T = TypeVar("T", bound=_HasQueryHash)
 
 
-class QueueClosed(RuntimeError):
+class QueueClosed(PlanpipeError, RuntimeError):
     """put() on a queue after close()."""
 
 

@@ -5,17 +5,11 @@ import os
 import socket
 from pathlib import Path
 
+from planpipe.errors import OperatorError
 
-class StackError(RuntimeError):
-    """A local service could not be prepared or started.
 
-    The message is one line that says what went wrong and what to do; `details`
-    (log tails, tool output) is printed after it for whoever wants to dig.
-    """
-
-    def __init__(self, message: str, details: str = "") -> None:
-        super().__init__(message)
-        self.details = details
+class StackError(OperatorError, RuntimeError):
+    """A local service could not be prepared or started (one line; `details` after it)."""
 
 
 def pid_alive(pid: int) -> bool:

@@ -72,6 +72,24 @@ BATCH_FLUSH_MS: Final = Histogram(
     registry=REGISTRY,
 )
 
+# The producer: its spool, its circuit breaker and the failures that move the breaker.
+SPOOL_DEPTH: Final = Gauge(
+    "explain_router_spool_depth", "Records waiting in the producer's local spool.", registry=REGISTRY
+)
+BREAKER_STATE: Final = Gauge(
+    "explain_router_breaker_state",
+    "Producer circuit breaker: 0 closed, 1 half-open, 2 open.",
+    registry=REGISTRY,
+)
+DELIVERY_FAILURES: Final = Counter(
+    "explain_router_delivery_failures_total",
+    "Failures seen by the producer's breaker, by kind.",
+    ["kind"],
+    registry=REGISTRY,
+)
+for _kind in ("delivery", "unreachable", "buffer_full", "probe", "produce", "fatal"):
+    DELIVERY_FAILURES.labels(kind=_kind)
+
 # Pre-create every label combination so series exist at 0 from the start:
 # `rate()` and "absent" alerts misbehave on series that appear only on first use.
 for _route in ROUTES:

@@ -34,32 +34,31 @@ A kill -9 loses what was sent direct and not yet acked (librdkafka memory, a
 few ms of traffic while healthy); during an outage everything is in the spool.
 """
 
-import enum
-import fcntl
 import functools
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from types import TracebackType
-from typing import IO, Any, Final, Protocol, Self
+from typing import Any, Final, Protocol, Self
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
-from prometheus_client import Counter, Gauge
 
-from planpipe.errors import OperatorError
 from planpipe.kafka_config import producer_config
 from planpipe.routing import metrics
+from planpipe.routing.breaker import DEFAULT_COOLDOWN_S as DEFAULT_COOLDOWN_S
+from planpipe.routing.breaker import DEFAULT_FAILURE_THRESHOLD as DEFAULT_FAILURE_THRESHOLD
+from planpipe.routing.breaker import STATE_GAUGE
+from planpipe.routing.breaker import BreakerState as BreakerState
+from planpipe.routing.breaker import CircuitBreaker as CircuitBreaker
 from planpipe.routing.spool import OutRecord, Spool
+from planpipe.routing.spool_lock import SpoolInUse as SpoolInUse
+from planpipe.routing.spool_lock import lock_spool
 from planpipe.settings import Settings
 
 logger = logging.getLogger("planpipe.producer")
 
-DEFAULT_COOLDOWN_S: Final = 30.0
-DEFAULT_FAILURE_THRESHOLD: Final = 3
 DEFAULT_DRAIN_BATCH: Final = 1000
 
 # Passthrough settings (PLANPIPE_PRODUCER__*) still win over these.
@@ -93,105 +92,6 @@ _UNDELIVERABLE: Final = frozenset(
         KafkaError.INVALID_MSG_SIZE,
     }
 )
-
-SPOOL_DEPTH: Final = Gauge(
-    "explain_router_spool_depth", "Records waiting in the producer's local spool.", registry=metrics.REGISTRY
-)
-BREAKER_STATE: Final = Gauge(
-    "explain_router_breaker_state",
-    "Producer circuit breaker: 0 closed, 1 half-open, 2 open.",
-    registry=metrics.REGISTRY,
-)
-DELIVERY_FAILURES: Final = Counter(
-    "explain_router_delivery_failures_total",
-    "Failures seen by the producer's breaker, by kind.",
-    ["kind"],
-    registry=metrics.REGISTRY,
-)
-for _kind in ("delivery", "unreachable", "buffer_full", "probe", "produce", "fatal"):
-    DELIVERY_FAILURES.labels(kind=_kind)
-
-
-class BreakerState(enum.StrEnum):
-    CLOSED = "closed"
-    OPEN = "open"
-    HALF_OPEN = "half_open"
-
-
-_STATE_GAUGE: Final = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
-
-
-class CircuitBreaker:
-    """The router breaker: `threshold` consecutive failures open it; it turns
-    half-open once `cooldown_s` elapsed; a failure while half-open re-opens it
-    (fresh cool-down); only the owner closes it (after a successful drain).
-
-    Not thread-safe: `PlanProducer` calls it under its own lock.
-    """
-
-    def __init__(
-        self,
-        threshold: int = DEFAULT_FAILURE_THRESHOLD,
-        cooldown_s: float = DEFAULT_COOLDOWN_S,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        if threshold < 1:
-            raise ValueError(f"threshold must be >= 1, got {threshold}")
-        if cooldown_s < 0:
-            raise ValueError(f"cooldown_s must be >= 0, got {cooldown_s}")
-        self.threshold = threshold
-        self.cooldown_s = cooldown_s
-        self._clock = clock
-        self._state = BreakerState.CLOSED
-        self._consecutive = 0
-        self._opened_at = 0.0
-        self.times_opened = 0
-        self.last_failure: str | None = None
-
-    @property
-    def state(self) -> BreakerState:
-        # Lazy transition: nobody has to tick a timer for the cool-down to end.
-        if self._state is BreakerState.OPEN and self._clock() - self._opened_at >= self.cooldown_s:
-            self._state = BreakerState.HALF_OPEN
-        return self._state
-
-    @property
-    def consecutive_failures(self) -> int:
-        return self._consecutive
-
-    def cooldown_remaining_s(self) -> float:
-        if self.state is not BreakerState.OPEN:
-            return 0.0
-        return max(0.0, self.cooldown_s - (self._clock() - self._opened_at))
-
-    def record_failure(self, what: str) -> bool:
-        """Count one failure; True when this call opened the breaker."""
-        self.last_failure = what
-        state = self.state
-        if state is BreakerState.OPEN:
-            return False  # the running cool-down is not extended by the failures it expects
-        self._consecutive += 1
-        if state is BreakerState.HALF_OPEN or self._consecutive >= self.threshold:
-            self._open()
-            return True
-        return False
-
-    def record_success(self) -> None:
-        if self._state is BreakerState.CLOSED:
-            self._consecutive = 0
-
-    def close(self) -> None:
-        self._state = BreakerState.CLOSED
-        self._consecutive = 0
-
-    def _open(self) -> None:
-        self._state = BreakerState.OPEN
-        self._opened_at = self._clock()
-        self.times_opened += 1
-
-
-class SpoolInUse(OperatorError, RuntimeError):
-    """Another process (or producer) owns this spool file."""
 
 
 @dataclass(slots=True)
@@ -292,6 +192,7 @@ class PlanProducer:
         on_delivered: DeliveredHook | None = None,
         on_undeliverable: UndeliverableHook = _log_undeliverable,
         client_factory: ClientFactory = Producer,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._settings = settings
         self._conf = producer_config(settings, **_PRODUCER_EXTRA)
@@ -305,13 +206,13 @@ class PlanProducer:
 
         self._owns_spool = spool is None
         spool_path = settings.spool_path if spool is None else spool.path
-        self._lock_file = _lock_spool(spool_path)
+        self._lock_file = lock_spool(spool_path)
         try:
             self._spool = Spool(spool_path) if spool is None else spool
         except BaseException:
             self._lock_file.close()
             raise
-        self._breaker = CircuitBreaker(failure_threshold, cooldown_s)
+        self._breaker = CircuitBreaker(failure_threshold, cooldown_s, clock)  # clock: tests skip the cool-down
         self._client_factory = client_factory
         self._producer = client_factory(self._conf)
 
@@ -534,7 +435,7 @@ class PlanProducer:
         self._round.undeliverable.append((record, error))
 
     def _failure(self, kind: str, what: str) -> None:
-        DELIVERY_FAILURES.labels(kind=kind).inc()
+        metrics.DELIVERY_FAILURES.labels(kind=kind).inc()
         self._contact_ok = False
         was = self._breaker.state
         if self._breaker.record_failure(what):
@@ -781,8 +682,8 @@ class PlanProducer:
     # -- misc ------------------------------------------------------------------------------
 
     def _publish_gauges(self) -> None:
-        SPOOL_DEPTH.set(self._spool.depth())
-        BREAKER_STATE.set(_STATE_GAUGE[self._breaker.state])
+        metrics.SPOOL_DEPTH.set(self._spool.depth())
+        metrics.BREAKER_STATE.set(STATE_GAUGE[self._breaker.state])
 
     def _stats_locked(self) -> ProducerStats:
         return ProducerStats(
@@ -799,18 +700,3 @@ class PlanProducer:
             undeliverable=self._stats_undeliverable,
             drain_seconds=tuple(self._stats_drains),
         )
-
-
-def _lock_spool(path: Path) -> IO[bytes]:
-    """One writer per spool file: two drains would send the same rows twice."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = open(path.with_name(path.name + ".lock"), "ab")  # noqa: SIM115 - held for the producer's lifetime
-    try:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        raise SpoolInUse(f"spool {path} is in use by another planpipe producer (pid file lock held)") from None
-    handle.truncate(0)
-    handle.write(f"{os.getpid()}\n".encode())
-    handle.flush()
-    return handle

@@ -123,6 +123,10 @@ def planpipe_resource(settings: Settings) -> "PlanpipeResource":
 @pytest.fixture
 def dagster_resources(settings: Settings, planpipe_resource: "PlanpipeResource") -> dict[str, object]:
     """Every resource the code location binds, pointed at this test's stack, topics and groups."""
-    from planpipe.defs.resources import PostgresResource
+    from planpipe.defs.resources import KafkaResource, PostgresResource
 
-    return {"planpipe": planpipe_resource, "postgres": PostgresResource(dsn=settings.pg_dsn)}
+    return {
+        "planpipe": planpipe_resource,
+        "postgres": PostgresResource(dsn=settings.pg_dsn),
+        "kafka": KafkaResource(bootstrap_servers=settings.kafka_bootstrap),
+    }

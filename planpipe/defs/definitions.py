@@ -9,7 +9,7 @@ from planpipe.defs.plans.definitions import plans_defs
 from planpipe.defs.quality.definitions import quality_defs
 from planpipe.defs.regions.definitions import regional_defs
 from planpipe.defs.replay.definitions import replay_defs
-from planpipe.defs.resources import planpipe_resource, postgres_resource
+from planpipe.defs.resources import kafka_resource, planpipe_resource, postgres_resource
 from planpipe.settings import load_settings
 from planpipe.topology import Topology, load_topology
 
@@ -25,5 +25,7 @@ defs = dg.Definitions.merge(
     plans_defs,
     replay_defs,
     quality_defs,
-    dg.Definitions(resources={"planpipe": planpipe_resource(), "postgres": postgres_resource()}),
+    dg.Definitions(
+        resources={"planpipe": planpipe_resource(), "postgres": postgres_resource(), "kafka": kafka_resource()}
+    ),
 )

@@ -3,7 +3,8 @@
 Connection details come from the environment (`planpipe.settings`); in
 production set PLANPIPE_KAFKA_BOOTSTRAP / PLANPIPE_PG_DSN and nothing is started.
 `PlanpipeResource` carries the engine settings; `PostgresResource` hands checks and
-sensors their PostgreSQL connections (they never call `psycopg.connect` themselves).
+sensors their PostgreSQL connections (they never call `psycopg.connect` themselves), and
+`KafkaResource` their consumer-group lag (they never build a Kafka client themselves).
 """
 
 import os
@@ -13,6 +14,7 @@ import dagster as dg
 import psycopg
 from pydantic import PrivateAttr
 
+from planpipe.ingest.lag import PartitionLag, group_assignments, group_lag
 from planpipe.settings import Settings, load_settings
 from planpipe.topology import region_settings
 
@@ -78,6 +80,27 @@ class PostgresResource(dg.ConfigurableResource):  # type: ignore[type-arg]
         return psycopg.connect(dsn, autocommit=autocommit, connect_timeout=timeout_s or self.connect_timeout_s)
 
 
+class KafkaResource(dg.ConfigurableResource):  # type: ignore[type-arg]
+    """planpipe's Kafka as sensors and checks see it: consumer-group lag and membership on a topic."""
+
+    # None: the bootstrap `planpipe.settings` derives (PLANPIPE_KAFKA_BOOTSTRAP or the local stack).
+    bootstrap_servers: str | None = None
+    # Short enough for a sensor tick; no answer in time raises LagUnavailable (the tick skips).
+    lag_timeout_s: float = 5.0
+
+    def group_lag(self, settings: Settings, group: str, topic: str) -> list[PartitionLag]:
+        """Per-partition lag of `group` on `topic` (read_committed). Client options other than the
+        bootstrap (security, librdkafka pass-through) come from `settings`, a region's included."""
+        return group_lag(self._own(settings), group, topic, timeout_s=self.lag_timeout_s)
+
+    def group_assignments(self, settings: Settings, group: str, topic: str) -> dict[str, set[int]]:
+        """Which partitions of `topic` each member (client id) of `group` holds."""
+        return group_assignments(self._own(settings), group, topic)
+
+    def _own(self, settings: Settings) -> Settings:
+        return replace(settings, kafka_bootstrap=self.bootstrap_servers) if self.bootstrap_servers else settings
+
+
 def _env_int(name: str, default: int) -> int:
     raw = os.environ.get(name, "").strip()
     return int(raw) if raw else default
@@ -111,3 +134,7 @@ def planpipe_resource() -> PlanpipeResource:
 
 def postgres_resource() -> PostgresResource:
     return PostgresResource(dsn=_from_env("PLANPIPE_PG_DSN"))
+
+
+def kafka_resource() -> KafkaResource:
+    return KafkaResource(bootstrap_servers=_from_env("PLANPIPE_KAFKA_BOOTSTRAP"))

@@ -6,9 +6,9 @@ import dagster as dg
 import psycopg
 
 from planpipe.defs.ingest.assets import BASELINES, OBSERVATIONS, query_plans_topic
-from planpipe.defs.resources import PlanpipeResource, PostgresResource
+from planpipe.defs.resources import KafkaResource, PlanpipeResource, PostgresResource
 from planpipe.ingest import sla
-from planpipe.ingest.lag import LagUnavailable, group_lag
+from planpipe.ingest.lag import LagUnavailable
 from planpipe.settings import Settings
 
 
@@ -69,10 +69,12 @@ def lock_wait_sla(planpipe: PlanpipeResource, postgres: PostgresResource) -> dg.
     description="Ingestion makes progress: fails when there is consumer lag and no batch was committed "
     "for 60 s (counted from when lag appeared). The lag sensor replaces a stuck ingest run.",
 )
-def ingest_progress(planpipe: PlanpipeResource, postgres: PostgresResource) -> dg.AssetCheckResult:
+def ingest_progress(
+    planpipe: PlanpipeResource, postgres: PostgresResource, kafka: KafkaResource
+) -> dg.AssetCheckResult:
     settings = planpipe.settings()
     try:
-        lag = sum(p.lag for p in group_lag(settings, settings.consumer_group, settings.topic, timeout_s=5.0))
+        lag = sum(p.lag for p in kafka.group_lag(settings, settings.consumer_group, settings.topic))
     except LagUnavailable as error:
         return dg.AssetCheckResult(
             passed=False,

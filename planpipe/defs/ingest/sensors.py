@@ -9,9 +9,9 @@ import dagster as dg
 from planpipe.defs.ingest.assets import OBSERVATIONS, ingest_micro_batches, query_plans_topic
 from planpipe.defs.ingest.jobs import INGEST_ROLE_TAG, ingest_job
 from planpipe.defs.ingest.runtime import STANDING_TAG, ingest_client_id
-from planpipe.defs.resources import PlanpipeResource, PostgresResource
+from planpipe.defs.resources import KafkaResource, PlanpipeResource, PostgresResource
 from planpipe.health.run_failures import record_run_failure
-from planpipe.ingest.lag import LagUnavailable, PartitionLag, group_assignments, group_lag
+from planpipe.ingest.lag import LagUnavailable, PartitionLag
 from planpipe.ingest.reconcile import record_lag_sample
 from planpipe.ingest.sla import Progress, ingest_progress
 from planpipe.settings import Settings
@@ -106,7 +106,11 @@ def _consuming_since(instance: dg.DagsterInstance, run_id: str) -> float | None:
 
 
 def stuck_runs(
-    instance: dg.DagsterInstance, settings: Settings, lags: list[PartitionLag], stall_after_s: float
+    instance: dg.DagsterInstance,
+    settings: Settings,
+    kafka: KafkaResource,
+    lags: list[PartitionLag],
+    stall_after_s: float,
 ) -> list[StuckRun]:
     """Ingest runs whose ingest step is consuming, with lag on their partitions and no committed batch
     for `stall_after_s` (counted from the step's start at the earliest)."""
@@ -114,7 +118,7 @@ def stuck_runs(
     if not runs:
         return []
     try:
-        held = group_assignments(settings, settings.consumer_group, settings.topic)
+        held = kafka.group_assignments(settings, settings.consumer_group, settings.topic)
     except LagUnavailable:
         held = {}
     lag_of = {p.partition: p.lag for p in lags}
@@ -160,16 +164,18 @@ def replace_stuck_runs(context: dg.SensorEvaluationContext, stuck: list[StuckRun
     "ingest runs consuming, launches more when there is lag, and replaces an ingest run that has lag but "
     "committed no batch for 60 s.",
 )
-def kafka_lag_sensor(context: dg.SensorEvaluationContext, planpipe: PlanpipeResource) -> dg.SensorResult:
+def kafka_lag_sensor(
+    context: dg.SensorEvaluationContext, planpipe: PlanpipeResource, kafka: KafkaResource
+) -> dg.SensorResult:
     settings = planpipe.settings()
     try:
-        lags = group_lag(settings, settings.consumer_group, settings.topic, timeout_s=5.0)
+        lags = kafka.group_lag(settings, settings.consumer_group, settings.topic)
     except LagUnavailable as error:
         return dg.SensorResult(skip_reason=f"Kafka not answering: {error}")
     total = sum(p.lag for p in lags)
     record_lag_sample(settings.pg_dsn, settings.consumer_group, settings.topic, lags)
     launched = int(context.cursor or 0)
-    stuck = stuck_runs(context.instance, settings, lags, planpipe.ingest_stall_after_s) if total else []
+    stuck = stuck_runs(context.instance, settings, kafka, lags, planpipe.ingest_stall_after_s) if total else []
     replaced = replace_stuck_runs(context, stuck)
     # Terminated runs are CANCELING now: no longer counted in flight, so replacements are launched.
     in_flight = runs_in_flight(context.instance, ingest_job.name, max_seconds=planpipe.ingest_max_seconds)

@@ -15,8 +15,8 @@ import dagster as dg
 from planpipe.defs.ingest.assets import KAFKA_GROUP, ingest_micro_batches
 from planpipe.defs.ingest.jobs import INGEST_ROLE_TAG
 from planpipe.defs.ingest.sensors import runs_in_flight, wanted_runs
-from planpipe.defs.resources import REGION_TAG, PlanpipeResource
-from planpipe.ingest.lag import LagUnavailable, group_lag
+from planpipe.defs.resources import REGION_TAG, KafkaResource, PlanpipeResource
+from planpipe.ingest.lag import LagUnavailable
 from planpipe.ingest.reconcile import record_lag_sample
 from planpipe.topology import Topology
 
@@ -48,10 +48,12 @@ def region_lag_sensor(region: str, job: "dg.UnresolvedAssetJobDefinition", topic
         default_status=dg.DefaultSensorStatus.RUNNING,
         description=f"Lag of region {region}'s topic as observations; launches its ingest runs when there is lag.",
     )
-    def sensor(context: dg.SensorEvaluationContext, planpipe: PlanpipeResource) -> dg.SensorResult:
+    def sensor(
+        context: dg.SensorEvaluationContext, planpipe: PlanpipeResource, kafka: KafkaResource
+    ) -> dg.SensorResult:
         settings = planpipe.settings(region=region)
         try:
-            lags = group_lag(settings, settings.consumer_group, settings.topic, timeout_s=5.0)
+            lags = kafka.group_lag(settings, settings.consumer_group, settings.topic)
         except LagUnavailable as error:
             return dg.SensorResult(skip_reason=f"Kafka not answering: {error}")
         total = sum(p.lag for p in lags)

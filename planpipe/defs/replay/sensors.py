@@ -9,8 +9,8 @@ import dagster as dg
 from planpipe.defs.ingest.assets import dlq_topic
 from planpipe.defs.ingest.sensors import runs_in_flight
 from planpipe.defs.replay.assets import replay_job
-from planpipe.defs.resources import PlanpipeResource
-from planpipe.ingest.lag import LagUnavailable, group_lag
+from planpipe.defs.resources import KafkaResource, PlanpipeResource
+from planpipe.ingest.lag import LagUnavailable
 
 REPLAY_AT_ONCE: Final = 500
 
@@ -22,10 +22,12 @@ REPLAY_AT_ONCE: Final = 500
     description="Launches the DLQ replay when query-plans.dlq has messages the replay group has not processed: "
     "at once for 500 or more, otherwise at most every PLANPIPE_REPLAY_INTERVAL_S.",
 )
-def dlq_sensor(context: dg.SensorEvaluationContext, planpipe: PlanpipeResource) -> dg.SensorResult:
+def dlq_sensor(
+    context: dg.SensorEvaluationContext, planpipe: PlanpipeResource, kafka: KafkaResource
+) -> dg.SensorResult:
     settings = planpipe.settings()
     try:
-        lags = group_lag(settings, settings.replay_group, settings.dlq_topic, timeout_s=5.0)
+        lags = kafka.group_lag(settings, settings.replay_group, settings.dlq_topic)
     except LagUnavailable as error:
         return dg.SensorResult(skip_reason=f"Kafka not answering: {error}")
     pending = sum(p.lag for p in lags)

@@ -23,6 +23,7 @@ from planpipe_tests.integration.workload import capture_plans, create_workload
 
 def test_a_regions_sensor_and_ingest_job_work_on_its_topic_only(
     settings: Settings, dagster_instance: dg.DagsterInstance, planpipe_resource: PlanpipeResource,
+    dagster_resources: dict[str, object],
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # fmt: skip
     topology_file = tmp_path / "topology.json"
@@ -50,7 +51,7 @@ def test_a_regions_sensor_and_ingest_job_work_on_its_topic_only(
 
     repo = defs.get_repository_def()
     sensor = repo.get_sensor_def("kafka_lag_sensor_eu")
-    result = sensor(dg.build_sensor_context(instance=dagster_instance, resources={"planpipe": planpipe_resource}))
+    result = sensor(dg.build_sensor_context(instance=dagster_instance, resources=dagster_resources))
     assert isinstance(result, dg.SensorResult)
     assert [r.run_key for r in result.run_requests or []] == ["ingest-eu-1"]
     (observation,) = result.asset_events
@@ -73,5 +74,5 @@ def test_a_regions_sensor_and_ingest_job_work_on_its_topic_only(
     assert stored.height == 12 and stored["cluster_id"].unique().to_list() == ["eu-1"]
     assert not list(eu.parquet_dir.parent.parent.rglob(f"{settings.topic}+*.parquet"))  # the base half waits
     us = repo.get_sensor_def("kafka_lag_sensor_us")
-    quiet = us(dg.build_sensor_context(instance=dagster_instance, resources={"planpipe": planpipe_resource}))
+    quiet = us(dg.build_sensor_context(instance=dagster_instance, resources=dagster_resources))
     assert isinstance(quiet, dg.SensorResult) and not quiet.run_requests  # nothing of region us was captured

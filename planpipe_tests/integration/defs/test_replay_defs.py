@@ -20,7 +20,10 @@ from planpipe_tests.integration.workload import capture_plans, create_workload, 
 
 
 def test_dlq_sensor_launches_replay_and_replay_corrects(
-    settings: Settings, dagster_instance: dg.DagsterInstance, planpipe_resource: PlanpipeResource
+    settings: Settings,
+    dagster_instance: dg.DagsterInstance,
+    planpipe_resource: PlanpipeResource,
+    dagster_resources: dict[str, object],
 ) -> None:
     migrate(settings.pg_dsn)
     create_workload(settings.pg_dsn)
@@ -36,7 +39,7 @@ def test_dlq_sensor_launches_replay_and_replay_corrects(
         producer.produce(settings.dlq_topic, value=letter.value, key=letter.key, headers=list(letter.headers()))
     assert producer.flush(30) == 0
 
-    context = dg.build_sensor_context(instance=dagster_instance, resources={"planpipe": planpipe_resource})
+    context = dg.build_sensor_context(instance=dagster_instance, resources=dagster_resources)
     result = dlq_sensor(context)
     assert isinstance(result, dg.SensorResult)
     assert [r.run_key for r in result.run_requests or []] == ["dlq-replay-2"]
@@ -47,7 +50,7 @@ def test_dlq_sensor_launches_replay_and_replay_corrects(
     metadata = materialization.materialization.metadata
     assert (metadata["republished"].value, metadata["parked"].value) == (1, 1)
 
-    again = dlq_sensor(dg.build_sensor_context(instance=dagster_instance, resources={"planpipe": planpipe_resource}))
+    again = dlq_sensor(dg.build_sensor_context(instance=dagster_instance, resources=dagster_resources))
     assert isinstance(again, dg.SensorResult)
     assert not again.run_requests
     with psycopg.connect(settings.pg_dsn) as conn:
@@ -58,7 +61,10 @@ def test_dlq_sensor_launches_replay_and_replay_corrects(
 
 
 def test_a_trickle_is_batched_until_the_interval_passes(
-    settings: Settings, dagster_instance: dg.DagsterInstance, planpipe_resource: PlanpipeResource
+    settings: Settings,
+    dagster_instance: dg.DagsterInstance,
+    planpipe_resource: PlanpipeResource,
+    dagster_resources: dict[str, object],
 ) -> None:
     batched = PlanpipeResource(**{**planpipe_resource.model_dump(), "replay_interval_s": 120.0})
     producer = Producer(producer_config(settings))
@@ -67,7 +73,9 @@ def test_a_trickle_is_batched_until_the_interval_passes(
     assert producer.flush(30) == 0
 
     def tick(cursor: str | None) -> dg.SensorResult:
-        context = dg.build_sensor_context(instance=dagster_instance, resources={"planpipe": batched}, cursor=cursor)
+        context = dg.build_sensor_context(
+            instance=dagster_instance, resources={**dagster_resources, "planpipe": batched}, cursor=cursor
+        )
         result = dlq_sensor(context)
         assert isinstance(result, dg.SensorResult)
         return result

@@ -36,18 +36,39 @@ HANDOVER_S = 60.0
 def runs_in_flight(
     instance: dg.DagsterInstance, job_name: str, *, max_seconds: float | None = None
 ) -> list[dg.DagsterRun]:
-    """Runs of the job queued or running, not counting those within HANDOVER_S of `max_seconds`."""
+    """Runs of the job queued or running that consume or will: not those whose ingest step is over
+    (only their asset checks are left) nor those within HANDOVER_S of `max_seconds`."""
     runs = instance.get_runs(dg.RunsFilter(job_name=job_name, statuses=IN_FLIGHT))
     if max_seconds is None:
         return list(runs)
     now = time.time()
+    return [
+        run
+        for run in runs
+        if still_consuming(
+            _ingest_step_span(instance, run.run_id) if run.status == dg.DagsterRunStatus.STARTED else StepSpan(),
+            now=now,
+            max_seconds=max_seconds,
+        )
+    ]
+
+
+@dataclass(frozen=True)
+class StepSpan:
+    """When a run's ingest step started (None: not yet) and whether it has ended."""
+
+    started: float | None = None
+    ended: bool = False
+
+
+def still_consuming(span: StepSpan, *, now: float, max_seconds: float) -> bool:
+    """Whether a run counts as a consumer for the lag sensor (pure, unit-tested). A run busy with its
+    checks after the step has closed its consumer: counting it would leave new records waiting for a
+    run until its checks end (minutes on a loaded machine)."""
+    if span.ended:
+        return False
     handover_s = min(HANDOVER_S, max_seconds / 4)  # short test runs must not look retiring from the start
-    staying = []
-    for run in runs:
-        started = _consuming_since(instance, run.run_id) if run.status == dg.DagsterRunStatus.STARTED else None
-        if started is None or now - started < max_seconds - handover_s:
-            staying.append(run)
-    return staying
+    return span.started is None or now - span.started < max_seconds - handover_s
 
 
 def wanted_runs(total_lag: int, in_flight: int, limit: int) -> int:
@@ -88,12 +109,10 @@ def _last_batch_at(instance: dg.DagsterInstance, run_id: str) -> float | None:
     return None
 
 
-def _consuming_since(instance: dg.DagsterInstance, run_id: str) -> float | None:
-    """When the run's ingest step started, if it is still consuming (None: not started or done —
-    a run busy with its asset checks after the step is not stuck)."""
+def _ingest_step_span(instance: dg.DagsterInstance, run_id: str) -> StepSpan:
     step_key = ingest_micro_batches.op.name
-    started = None
     events = {dg.DagsterEventType.STEP_START, dg.DagsterEventType.STEP_SUCCESS, dg.DagsterEventType.STEP_FAILURE}
+    started = None
     for record in instance.get_records_for_run(run_id, of_type=events).records:
         entry = record.event_log_entry
         if entry.step_key != step_key:
@@ -101,8 +120,15 @@ def _consuming_since(instance: dg.DagsterInstance, run_id: str) -> float | None:
         if entry.dagster_event_type == dg.DagsterEventType.STEP_START:
             started = float(entry.timestamp)
         else:
-            return None
-    return started
+            return StepSpan(started, ended=True)
+    return StepSpan(started)
+
+
+def _consuming_since(instance: dg.DagsterInstance, run_id: str) -> float | None:
+    """When the run's ingest step started, if it is still consuming (None: not started or done —
+    a run busy with its asset checks after the step is not stuck)."""
+    span = _ingest_step_span(instance, run_id)
+    return None if span.ended else span.started
 
 
 def stuck_runs(

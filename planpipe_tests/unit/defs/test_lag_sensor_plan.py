@@ -2,7 +2,7 @@
 
 import pytest
 
-from planpipe.defs.ingest.sensors import runs_to_launch, wanted_runs
+from planpipe.defs.ingest.sensors import StepSpan, runs_to_launch, still_consuming, wanted_runs
 
 pytestmark = pytest.mark.unit
 
@@ -33,3 +33,16 @@ def test_a_backlog_run_does_not_stand_in_for_the_standing_one() -> None:
 def test_the_minimum_may_exceed_the_limit_but_nothing_else_does() -> None:
     assert runs_to_launch(0, 0, 0, limit=1, minimum=2) == (2, 0)
     assert runs_to_launch(50_000, 2, 2, limit=1, minimum=2) == (0, 0)
+
+
+def test_a_run_past_its_ingest_step_is_no_consumer() -> None:
+    now = 10_000.0
+    # Queued or starting (no step yet) and consuming runs count; one whose step ended (checks left) does not.
+    assert still_consuming(StepSpan(), now=now, max_seconds=1800)
+    assert still_consuming(StepSpan(started=now - 60), now=now, max_seconds=1800)
+    assert not still_consuming(StepSpan(started=now - 60, ended=True), now=now, max_seconds=1800)
+    # Within HANDOVER_S (60 s) of its end a run is retiring: its successor is launched before it leaves.
+    assert not still_consuming(StepSpan(started=now - 1750), now=now, max_seconds=1800)
+    # Short runs hand over in their last quarter, not from the start.
+    assert still_consuming(StepSpan(started=now - 40), now=now, max_seconds=60)
+    assert not still_consuming(StepSpan(started=now - 50), now=now, max_seconds=60)

@@ -32,6 +32,10 @@ the spool then duplicates it. Outages shorter than `message.timeout.ms` (300 s
 here) never get there: librdkafka's idempotent retry delivers those exactly once.
 A kill -9 loses what was sent direct and not yet acked (librdkafka memory, a
 few ms of traffic while healthy); during an outage everything is in the spool.
+
+Collaborators, each sharing this producer's lock: `routing.delivery.Settlement`
+(one round of delivery callbacks and the hooks it ends in) and
+`routing.drain.SpoolDrain` (the drain thread).
 """
 
 import functools
@@ -39,9 +43,9 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Final, Protocol, Self
+from typing import Final, Self
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
@@ -52,14 +56,21 @@ from planpipe.routing.breaker import DEFAULT_FAILURE_THRESHOLD as DEFAULT_FAILUR
 from planpipe.routing.breaker import STATE_GAUGE
 from planpipe.routing.breaker import BreakerState as BreakerState
 from planpipe.routing.breaker import CircuitBreaker as CircuitBreaker
+from planpipe.routing.delivery import PURGED, TIMEOUTS, UNDELIVERABLE, Pending, Settlement, Ticket, log_undeliverable
+from planpipe.routing.delivery import ClientFactory as ClientFactory
+from planpipe.routing.delivery import DeliveredHook as DeliveredHook
+from planpipe.routing.delivery import DeliveryCallback as DeliveryCallback
+from planpipe.routing.delivery import HeadersType as HeadersType
+from planpipe.routing.delivery import KafkaClient as KafkaClient
+from planpipe.routing.delivery import UndeliverableHook as UndeliverableHook
+from planpipe.routing.drain import DEFAULT_DRAIN_BATCH as DEFAULT_DRAIN_BATCH
+from planpipe.routing.drain import SpoolDrain
 from planpipe.routing.spool import OutRecord, Spool
 from planpipe.routing.spool_lock import SpoolInUse as SpoolInUse
 from planpipe.routing.spool_lock import lock_spool
 from planpipe.settings import Settings
 
 logger = logging.getLogger("planpipe.producer")
-
-DEFAULT_DRAIN_BATCH: Final = 1000
 
 # Passthrough settings (PLANPIPE_PRODUCER__*) still win over these.
 _PRODUCER_EXTRA: Final[dict[str, str | int | bool]] = {
@@ -78,38 +89,6 @@ _PRODUCER_EXTRA: Final[dict[str, str | int | bool]] = {
 _UNREACHABLE: Final = frozenset(
     {KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN, KafkaError._RESOLVE, KafkaError._TIMED_OUT}
 )
-# Timeouts waiting for the brokers: counted for the ProducerRequestTimeouts alert.
-_TIMEOUTS: Final = frozenset({KafkaError._MSG_TIMED_OUT, KafkaError.REQUEST_TIMED_OUT, KafkaError._TIMED_OUT})
-# Our own purge: the record was not lost and the broker is not to blame.
-_PURGED: Final = frozenset({KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT})
-# Permanent per-record errors: retrying from the spool would block it forever.
-_UNDELIVERABLE: Final = frozenset(
-    {
-        KafkaError.MSG_SIZE_TOO_LARGE,
-        KafkaError.RECORD_LIST_TOO_LARGE,
-        KafkaError.INVALID_RECORD,
-        KafkaError.INVALID_MSG,
-        KafkaError.INVALID_MSG_SIZE,
-    }
-)
-
-
-@dataclass(slots=True)
-class _Ticket:
-    """One `send()` batch; `on_durable` fires once every record is acked or spooled."""
-
-    remaining: int
-    started: float
-    on_durable: Callable[[float], None]
-
-
-@dataclass(slots=True)
-class _Pending:
-    token: int  # global produce order: the order rows must have in the spool
-    record: OutRecord
-    seq: int | None  # its spool row, if it has one
-    from_spool: bool
-    ticket: _Ticket | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,56 +107,9 @@ class ProducerStats:
     drain_seconds: tuple[float, ...]
 
 
-@dataclass
-class _Round:
-    """What one pass of callbacks produced, applied together (one SQLite txn each)."""
-
-    acks: list[int] = field(default_factory=list)
-    attempts: list[int] = field(default_factory=list)
-    delivered: list[OutRecord] = field(default_factory=list)
-    undeliverable: list[tuple[OutRecord, str]] = field(default_factory=list)
-    durable: list[_Ticket] = field(default_factory=list)
-
-
-DeliveryCallback = Callable[[KafkaError | None, Message], None]
-HeadersType = dict[str, str | bytes | None] | list[tuple[str, str | bytes | None]]
-
-
-class KafkaClient(Protocol):
-    """The part of `confluent_kafka.Producer` used here (tests substitute a fake)."""
-
-    def produce(
-        self,
-        topic: str,
-        value: str | bytes | None = None,
-        key: str | bytes | None = None,
-        partition: int = -1,
-        callback: DeliveryCallback | None = None,
-        on_delivery: DeliveryCallback | None = None,
-        timestamp: int = 0,
-        headers: HeadersType | None = None,
-    ) -> None: ...
-    def poll(self, timeout: float = -1) -> int: ...
-    def purge(self, in_queue: bool = True, in_flight: bool = True, blocking: bool = True) -> None: ...
-    def list_topics(self, topic: str | None = None, timeout: float = -1) -> Any: ...
-    def close(self) -> bool: ...
-
-
-ClientFactory = Callable[[dict[str, Any]], KafkaClient]
-
-DeliveredHook = Callable[[Sequence[OutRecord]], None]
-UndeliverableHook = Callable[[OutRecord, str], None]
-
-
-def _log_undeliverable(record: OutRecord, error: str) -> None:
-    logger.error(
-        "undeliverable record for %s key=%r (%d bytes): %s", record.topic, record.key, len(record.value), error
-    )
-
-
 class PlanProducer:
     """Thread-safe: any thread may `send()`; a poll thread serves delivery
-    callbacks and probes the broker, a drain thread empties the spool."""
+    callbacks and probes the broker, a drain thread (`SpoolDrain`) empties the spool."""
 
     def __init__(
         self,
@@ -190,7 +122,7 @@ class PlanProducer:
         drain_batch: int = DEFAULT_DRAIN_BATCH,
         config: Mapping[str, str | int | bool] | None = None,
         on_delivered: DeliveredHook | None = None,
-        on_undeliverable: UndeliverableHook = _log_undeliverable,
+        on_undeliverable: UndeliverableHook = log_undeliverable,
         client_factory: ClientFactory = Producer,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -198,11 +130,9 @@ class PlanProducer:
         self._conf = producer_config(settings, **_PRODUCER_EXTRA)
         self._conf.update(config or {})
         self._conf["error_cb"] = self._on_error
-        self._message_timeout_s = int(str(self._conf.get("message.timeout.ms", 300_000))) / 1000
+        message_timeout_s = int(str(self._conf.get("message.timeout.ms", 300_000))) / 1000
         self._probe_timeout_s = probe_timeout_s
-        self._drain_batch = drain_batch
-        self._on_delivered = on_delivered
-        self._on_undeliverable = on_undeliverable
+        self._settlement = Settlement(settings.dlq_topic, on_delivered, on_undeliverable)
 
         self._owns_spool = spool is None
         spool_path = settings.spool_path if spool is None else spool.path
@@ -218,9 +148,8 @@ class PlanProducer:
 
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
-        self._inflight: dict[int, _Pending] = {}
-        self._failed_unspooled: list[_Pending] = []
-        self._round = _Round()
+        self._inflight: dict[int, Pending] = {}
+        self._failed_unspooled: list[Pending] = []
         self._fence = False
         self._suspect = False
         # Whether the broker answered since the last failure; decides if a drain probes first.
@@ -229,26 +158,20 @@ class PlanProducer:
         self._next_token = 0
         self._closing = False
         self._closed = False
-        self._drain_started: float | None = None
         self._stats_sent_direct = 0
-        self._stats_delivered = 0
-        self._stats_delivered_from_spool = 0
         self._stats_spooled = 0
         self._stats_failed = 0
-        self._stats_undeliverable = 0
-        self._stats_drains: list[float] = []
         self._max_depth = self._spool.depth()
         # Leftovers from an earlier run must go out before anything new.
         if self._max_depth:
             logger.info("spool %s holds %d record(s) from an earlier run; draining first", spool_path, self._max_depth)
         self._publish_gauges()
 
-        self._stop_drain = threading.Event()
+        self._drain = SpoolDrain(self, batch=drain_batch, message_timeout_s=message_timeout_s)
         self._stop_poll = threading.Event()
         self._poll_thread = threading.Thread(target=self._poll_loop, name="planpipe-producer-poll", daemon=True)
-        self._drain_thread = threading.Thread(target=self._drain_loop, name="planpipe-producer-drain", daemon=True)
         self._poll_thread.start()
-        self._drain_thread.start()
+        self._drain.start()
 
     # -- public API ---------------------------------------------------------------
 
@@ -269,7 +192,7 @@ class PlanProducer:
         """
         if not records:
             return
-        ticket = _Ticket(len(records), time.perf_counter(), on_durable) if on_durable else None
+        ticket = Ticket(len(records), time.perf_counter(), on_durable) if on_durable else None
         with self._lock:
             if self._closing:
                 raise RuntimeError("send() on a closed PlanProducer")
@@ -282,9 +205,8 @@ class PlanProducer:
                     index = len(records)
             if index < len(records):
                 self._spool_new(records[index:], ticket)
-            done, self._round.durable = self._round.durable, []
-            undeliverable, self._round.undeliverable = self._round.undeliverable, []
-        self._fire(done, undeliverable)
+            done, undeliverable = self._settlement.take_hooks()
+        self._settlement.fire(done, undeliverable)
 
     def flush(self, timeout: float) -> int:
         """Wait until nothing is in flight and the spool is empty; returns what is left."""
@@ -312,10 +234,7 @@ class PlanProducer:
                 return self._stats_locked()
             self._closing = True
         self.flush(timeout)
-        self._stop_drain.set()
-        with self._changed:
-            self._changed.notify_all()
-        self._drain_thread.join()
+        self._drain.stop()
         with self._lock:
             # Durability before letting go: anything librdkafka still holds gets a row.
             self._persist_unspooled()
@@ -357,9 +276,9 @@ class PlanProducer:
         # Without this, steady traffic would keep arriving faster than one drain
         # round trip and never leave the spool path after an outage.
         rows_in_flight = sum(1 for p in self._inflight.values() if p.seq is not None)
-        return depth == rows_in_flight + len(self._round.acks)
+        return depth == rows_in_flight + len(self._settlement.round.acks)
 
-    def _produce(self, record: OutRecord, seq: int | None, ticket: _Ticket | None, from_spool: bool) -> int:
+    def _produce(self, record: OutRecord, seq: int | None, ticket: Ticket | None, from_spool: bool) -> int:
         token = self._next_token
         headers: list[tuple[str, str | bytes | None]] = [(name, value) for name, value in record.headers]
         self._producer.produce(
@@ -371,10 +290,10 @@ class PlanProducer:
         )
         # Registered only once produce() accepted it: a raise leaves no ghost entry.
         self._next_token = token + 1
-        self._inflight[token] = _Pending(token, record, seq, from_spool, ticket)
+        self._inflight[token] = Pending(token, record, seq, from_spool, ticket)
         return token
 
-    def _produce_direct(self, record: OutRecord, ticket: _Ticket | None) -> bool:
+    def _produce_direct(self, record: OutRecord, ticket: Ticket | None) -> bool:
         """False: divert this record and the rest of the batch to the spool."""
         try:
             self._produce(record, None, ticket, from_spool=False)
@@ -383,21 +302,21 @@ class PlanProducer:
             return False
         except KafkaException as error:
             kafka_error: KafkaError = error.args[0]
-            if kafka_error.code() in _UNDELIVERABLE:
-                self._undeliverable(record, None, ticket, kafka_error.str())
+            if kafka_error.code() in UNDELIVERABLE:
+                self._settlement.undeliverable(record, None, ticket, kafka_error.str())
                 return True
             self._failure("produce", f"produce(): {kafka_error.str()}")
             return False
         self._stats_sent_direct += 1
         return True
 
-    def _spool_new(self, records: Sequence[OutRecord], ticket: _Ticket | None) -> None:
+    def _spool_new(self, records: Sequence[OutRecord], ticket: Ticket | None) -> None:
         # Older records first: they must keep their place ahead of these.
         self._persist_unspooled()
         self._spool.append(records)
         self._note_spooled(len(records))
         if ticket is not None:
-            self._resolve(ticket, len(records))
+            self._settlement.resolve(ticket, len(records))
 
     def _persist_unspooled(self) -> None:
         """Give every record that has no spool row yet one, in produce order."""
@@ -409,7 +328,7 @@ class PlanProducer:
         for pending, seq in zip(waiting, seqs, strict=True):
             pending.seq = seq  # still in flight: its ack will delete the row
             if pending.ticket is not None:
-                self._resolve(pending.ticket, 1)
+                self._settlement.resolve(pending.ticket, 1)
                 pending.ticket = None
         self._failed_unspooled = []
         self._note_spooled(len(seqs))
@@ -418,21 +337,6 @@ class PlanProducer:
         self._stats_spooled += count
         self._max_depth = max(self._max_depth, self._spool.depth())
         self._publish_gauges()
-
-    def _resolve(self, ticket: _Ticket, count: int) -> None:
-        ticket.remaining -= count
-        if ticket.remaining == 0:
-            self._round.durable.append(ticket)
-
-    def _undeliverable(self, record: OutRecord, seq: int | None, ticket: _Ticket | None, error: str) -> None:
-        self._stats_undeliverable += 1
-        destination: metrics.Destination = "dlq" if record.topic == self._settings.dlq_topic else "topic"
-        metrics.UNDELIVERABLE.labels(destination=destination).inc()
-        if seq is not None:
-            self._round.acks.append(seq)  # it can never succeed; the hook owns it now
-        if ticket is not None:
-            self._resolve(ticket, 1)
-        self._round.undeliverable.append((record, error))
 
     def _failure(self, kind: str, what: str) -> None:
         metrics.DELIVERY_FAILURES.labels(kind=kind).inc()
@@ -462,30 +366,23 @@ class PlanProducer:
             if pending is None:
                 return
             if error is None:
-                self._stats_delivered += 1
-                if pending.from_spool:
-                    self._stats_delivered_from_spool += 1
-                if pending.seq is not None:
-                    self._round.acks.append(pending.seq)
-                if pending.ticket is not None:
-                    self._resolve(pending.ticket, 1)
-                self._round.delivered.append(pending.record)
+                self._settlement.delivered(pending)
                 self._breaker.record_success()
                 self._contact_ok = True
                 return
             code = error.code()
-            if code in _TIMEOUTS:
+            if code in TIMEOUTS:
                 metrics.REQUEST_TIMEOUTS.inc()
-            if code in _UNDELIVERABLE:
-                self._undeliverable(pending.record, pending.seq, pending.ticket, error.str())
+            if code in UNDELIVERABLE:
+                self._settlement.undeliverable(pending.record, pending.seq, pending.ticket, error.str())
                 return
-            if code not in _PURGED:
+            if code not in PURGED:
                 self._stats_failed += 1
             if pending.seq is None:
                 self._failed_unspooled.append(pending)
             else:
-                self._round.attempts.append(pending.seq)
-            if code not in _PURGED:
+                self._settlement.round.attempts.append(pending.seq)
+            if code not in PURGED:
                 # Fence: nothing queued behind this record may be delivered before it.
                 self._fence = True
                 self._failure("delivery", f"delivery failed: {error.name()}: {error.str()}")
@@ -496,7 +393,7 @@ class PlanProducer:
                 self._fatal = error
                 self._failure("fatal", f"fatal producer error: {error.name()}: {error.str()}")
             elif error.code() in _UNREACHABLE:
-                if error.code() in _TIMEOUTS:
+                if error.code() in TIMEOUTS:
                     metrics.REQUEST_TIMEOUTS.inc()
                 self._suspect = True
                 self._failure("unreachable", f"{error.name()}: {error.str()}")
@@ -529,34 +426,15 @@ class PlanProducer:
                 # Everything still queued already has a row (above); purging returns
                 # it via _PURGE_QUEUE so no later record can overtake the failed one.
                 self._producer.purge(in_queue=True, in_flight=False, blocking=False)
-            work, self._round = self._round, _Round()
+            work = self._settlement.take_round()
             if work.acks:
                 self._spool.ack(work.acks)
                 self._publish_gauges()
             if work.attempts:
                 self._spool.record_attempt(work.attempts)
-            if self._drain_started is not None and self._spool.depth() == 0:
-                self._stats_drains.append(time.monotonic() - self._drain_started)
-                self._drain_started = None
-                self._close_breaker_if_drained()
+            self._drain.on_settled()
             self._changed.notify_all()
-        if work.delivered and self._on_delivered is not None:
-            try:
-                self._on_delivered(work.delivered)
-            except Exception:
-                logger.exception("on_delivered hook failed")
-        self._fire(work.durable, work.undeliverable)
-
-    def _fire(self, durable: list[_Ticket], undeliverable: list[tuple[OutRecord, str]]) -> None:
-        # Hooks run on producer threads; one that raises must not stop acks.
-        now = time.perf_counter()
-        try:
-            for ticket in durable:
-                ticket.on_durable((now - ticket.started) * 1000)
-            for record, error in undeliverable:
-                self._on_undeliverable(record, error)
-        except Exception:
-            logger.exception("producer hook failed")
+        self._settlement.report(work)
 
     def _probe(self) -> bool:
         """Metadata round trip; a timeout counts as a breaker failure."""
@@ -599,86 +477,6 @@ class PlanProducer:
             self._fatal = None
             self._publish_gauges()
 
-    # -- drain thread ------------------------------------------------------------------
-
-    def _drain_wanted(self) -> bool:
-        if self._stop_drain.is_set():
-            return True
-        if self._inflight or self._failed_unspooled or self._fatal is not None:
-            return False  # librdkafka may still deliver older records: never overtake them
-        state = self._breaker.state
-        if state is BreakerState.HALF_OPEN:
-            return True
-        return state is BreakerState.CLOSED and self._spool.depth() > 0
-
-    def _drain_loop(self) -> None:
-        while True:
-            with self._changed:
-                self._changed.wait_for(self._drain_wanted, timeout=0.25)
-                if self._stop_drain.is_set():
-                    return
-                if not self._drain_wanted():
-                    continue
-                # Half-open, or leftovers from an earlier run: ask the broker first
-                # rather than parking a batch in librdkafka for message.timeout.ms.
-                probe_first = self._breaker.state is BreakerState.HALF_OPEN or not self._contact_ok
-            if probe_first and not self._probe():
-                continue
-            try:
-                self._drain_batch_once()
-            except Exception:
-                logger.exception("spool drain failed")
-                with self._lock:
-                    self._failure("produce", "spool drain raised")
-
-    def _drain_batch_once(self) -> None:
-        batch = self._spool.peek_batch(self._drain_batch)
-        with self._lock:
-            if self._inflight or self._failed_unspooled or self._breaker.state is BreakerState.OPEN:
-                return  # something changed since we decided to drain
-            if not batch:
-                self._close_breaker_if_drained()
-                return
-            if self._drain_started is None:
-                self._drain_started = time.monotonic()
-            tokens: list[int] = []
-            for row in batch:
-                try:
-                    tokens.append(self._produce(row.record, row.seq, None, from_spool=True))
-                except BufferError:
-                    break  # the rest waits for the next batch, still in order
-                except KafkaException as error:
-                    kafka_error: KafkaError = error.args[0]
-                    if kafka_error.code() in _UNDELIVERABLE:
-                        self._undeliverable(row.record, row.seq, None, kafka_error.str())
-                        continue
-                    self._failure("produce", f"produce(): {kafka_error.str()}")
-                    break
-            undeliverable, self._round.undeliverable = self._round.undeliverable, []
-            # Wait for the whole batch (acked rows deleted by the poll thread) before
-            # the next peek, so a row is never produced twice in one session.
-            deadline = time.monotonic() + self._message_timeout_s + 5.0
-            while not self._stop_drain.is_set() and (
-                any(t in self._inflight for t in tokens) or self._failed_unspooled or self._round.acks
-            ):
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                self._changed.wait(min(remaining, 0.25))
-            # A failure while half-open re-opens the breaker at once, so still
-            # half-open here means the whole trial batch was acknowledged.
-            if self._breaker.state is BreakerState.HALF_OPEN and not any(t in self._inflight for t in tokens):
-                logger.warning("producer circuit breaker CLOSED: trial batch of %d acknowledged", len(batch))
-                self._breaker.close()
-                self._publish_gauges()
-        self._fire([], undeliverable)
-
-    def _close_breaker_if_drained(self) -> None:
-        if self._spool.depth() == 0 and not self._inflight and self._breaker.state is BreakerState.HALF_OPEN:
-            logger.warning("producer circuit breaker CLOSED: broker answers, spool empty")
-            self._breaker.close()
-            self._publish_gauges()
-
     # -- misc ------------------------------------------------------------------------------
 
     def _publish_gauges(self) -> None:
@@ -693,10 +491,10 @@ class PlanProducer:
             spool_depth=self._spool.depth(),
             max_spool_depth=self._max_depth,
             sent_direct=self._stats_sent_direct,
-            delivered=self._stats_delivered,
-            delivered_from_spool=self._stats_delivered_from_spool,
+            delivered=self._settlement.delivered_count,
+            delivered_from_spool=self._settlement.delivered_from_spool,
             spooled=self._stats_spooled,
             failed_deliveries=self._stats_failed,
-            undeliverable=self._stats_undeliverable,
-            drain_seconds=tuple(self._stats_drains),
+            undeliverable=self._settlement.undeliverable_count,
+            drain_seconds=tuple(self._drain.durations),
         )

@@ -29,6 +29,7 @@ from planpipe.agent.config import AgentConfig
 from planpipe.agent.ledger import OpenSends
 from planpipe.agent.publisher import AgentPublisher
 from planpipe.agent.state import AgentState
+from planpipe.errors import PlanpipeError
 from planpipe.health.broker import FallbackMode
 from planpipe.health.fallback import FallbackModeReader
 from planpipe.routing.producer import BreakerState
@@ -42,7 +43,7 @@ _SPOOL_CHECK_S: Final = 1.0
 _FAULT_COUNTS: dict[str, int] = {}
 
 
-class Stopped(Exception):
+class Stopped(PlanpipeError):
     """Stop requested while a batch could be stored nowhere: its intent stays open, the log keeps it."""
 
 

@@ -27,6 +27,7 @@ from planpipe.capture.logparse import LogFormat
 from planpipe.capture.reader import AutoExplainReader, cluster_id_near, print_messages
 from planpipe.capture.safety import DEFAULT_DENY, ENV_ALLOW, ENV_DENY, FunctionPolicy, SuperuserRefused
 from planpipe.contract import Envelope, encode_envelope
+from planpipe.errors import PlanpipeError
 from planpipe.settings import Settings
 
 
@@ -46,7 +47,7 @@ class JsonlWriter:
             os.fsync(self._stream.fileno())
 
 
-class OutputClosed(Exception):
+class OutputClosed(PlanpipeError):
     """The reader of stdout went away (`| head`): stop capturing, there is no one to hand plans to."""
 
 

@@ -73,6 +73,7 @@ from planpipe import tracing
 from planpipe.capture.safety import CatalogGuard, FunctionPolicy, check_role
 from planpipe.capture.sqltext import Statement, StatementKind, classify, split_statements, text_hash
 from planpipe.contract import Envelope
+from planpipe.errors import PlanpipeError
 
 DEFAULT_STATEMENT_TIMEOUT_MS: Final = 60_000
 APPLICATION_NAME: Final = "planpipe-capture"
@@ -94,7 +95,7 @@ _WRITE_PRIVILEGE_HINT: Final = (
 )
 
 
-class PlanShapeError(ValueError):
+class PlanShapeError(PlanpipeError, ValueError):
     """EXPLAIN output that does not look like PostgreSQL's JSON format."""
 
 

@@ -45,6 +45,7 @@ from planpipe import tracing
 from planpipe.capture.explain import query_identifier, top_plan_rows
 from planpipe.capture.sqltext import classify, strip_explain, text_hash
 from planpipe.contract import Envelope
+from planpipe.errors import PlanpipeError
 
 
 class LogFormat(enum.StrEnum):
@@ -175,7 +176,7 @@ _STDERR_PLAN_HEAD = re.compile(r"^(?P<prefix>.*?)[A-Z][A-Z0-9]*:  (?P<msg>durati
 _PLAN_MESSAGE = re.compile(r"duration: (?P<ms>\d+(?:\.\d+)?) ms  plan:\n(?P<plan>.*)\Z", re.DOTALL)
 
 
-class MalformedEntry(ValueError):
+class MalformedEntry(PlanpipeError, ValueError):
     pass
 
 

@@ -50,6 +50,7 @@ from typing import Any, Final
 import psycopg
 
 from planpipe.capture.sqltext import Classification, QualifiedName, classify, split_statements
+from planpipe.errors import PlanpipeError
 
 ENV_DENY: Final = "PLANPIPE_CAPTURE_DENY_FUNCTIONS"
 ENV_ALLOW: Final = "PLANPIPE_CAPTURE_ALLOW_FUNCTIONS"
@@ -110,7 +111,7 @@ _BUILTIN_SCHEMAS: Final = frozenset({"pg_catalog", "information_schema"})
 _MAX_DEPTH: Final = 8
 
 
-class SuperuserRefused(Exception):
+class SuperuserRefused(PlanpipeError):
     """The capture role is a superuser and the caller did not allow it."""
 
     def __init__(self, role: str) -> None:

@@ -13,6 +13,7 @@ from typing import Any, Final, Literal
 
 import psycopg
 
+from planpipe.errors import PlanpipeError
 from planpipe.plans.verdicts import REGRESSION_KINDS, FindingKind, Severity, speed
 
 __all__ = [
@@ -45,7 +46,7 @@ AUTO_ACCEPTED_BY: Final = "planpipe:first-plan"  # what the ingest records for a
 CLUSTER_WIDE: Final = "*"  # query_hash and fingerprints of a cluster_slowdown finding
 
 
-class RegressionNotFoundError(LookupError):
+class RegressionNotFoundError(PlanpipeError, LookupError):
     pass
 
 

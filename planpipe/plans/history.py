@@ -17,6 +17,7 @@ from typing import Any, Final, Literal
 
 import psycopg
 
+from planpipe.errors import PlanpipeError
 from planpipe.plans import latency
 from planpipe.plans.diff import diff_plans
 from planpipe.plans.findings import FINDINGS_LOCK
@@ -41,7 +42,7 @@ PlanStatus = Literal["accepted", "candidate", "rejected"]
 _SETTABLE: Final = ("accepted", "rejected")
 
 
-class UnknownPlanError(LookupError):
+class UnknownPlanError(PlanpipeError, LookupError):
     """No such query, plan, or an ambiguous fingerprint prefix."""
 
 

@@ -24,6 +24,8 @@ import msgspec
 from msgspec import field
 from msgspec.structs import force_setattr
 
+from planpipe.errors import PlanpipeError
+
 __all__ = [
     "PLACEHOLDER",
     "GroupingSet",
@@ -42,7 +44,7 @@ __all__ = [
 PLACEHOLDER: Final = "?"
 
 
-class PlanParseError(ValueError):
+class PlanParseError(PlanpipeError, ValueError):
     """The text is not a parseable EXPLAIN JSON plan (DLQ reason `plan_unparseable`)."""
 
 

@@ -2,6 +2,11 @@
 
 import pytest
 
+from planpipe.agent.handoff import Stopped
+from planpipe.capture.cli import OutputClosed
+from planpipe.capture.explain import PlanShapeError
+from planpipe.capture.logparse import MalformedEntry
+from planpipe.capture.safety import SuperuserRefused
 from planpipe.contract import ContractViolation
 from planpipe.db.migrate import MigrationError
 from planpipe.errors import OperatorError, PlanpipeError
@@ -9,6 +14,9 @@ from planpipe.health.broker import HealthUnavailable
 from planpipe.ingest.baseline_sink import LockWaitTimeout, StaleBatchError
 from planpipe.ingest.lag import LagUnavailable
 from planpipe.ingest.sinks import Abandoned
+from planpipe.plans.findings import RegressionNotFoundError
+from planpipe.plans.history import UnknownPlanError
+from planpipe.plans.normalize import PlanParseError
 from planpipe.routing.producer import SpoolInUse
 from planpipe.routing.redis_queue import QueueUnavailable
 from planpipe.routing.router import QueueClosed
@@ -33,6 +41,14 @@ pytestmark = pytest.mark.unit
         (ContractViolation, Exception),
         (QueueUnavailable, Exception),
         (Abandoned, Exception),
+        (UnknownPlanError, LookupError),
+        (RegressionNotFoundError, LookupError),
+        (PlanParseError, ValueError),
+        (PlanShapeError, ValueError),
+        (MalformedEntry, ValueError),
+        (SuperuserRefused, Exception),
+        (OutputClosed, Exception),
+        (Stopped, Exception),
     ],
 )
 def test_planpipe_errors_share_one_root_and_keep_their_old_base(error: type[Exception], kept: type) -> None:

@@ -19,7 +19,6 @@ checks one scenario against that state. The lifecycle test runs last and mutates
 
 import argparse
 import json
-import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
@@ -51,6 +50,7 @@ from planpipe.plans.stats import mann_whitney_u
 from planpipe.plans.verdicts import DetectionConfig
 from planpipe.routing.publish import PlanPublisher
 from planpipe.settings import Settings
+from planpipe_tests.conftest import isolated_settings
 
 RUNS = 25  # executions per query and period (detection needs 20 on each side)
 CAPTURES = 3  # live EXPLAIN ANALYZE executions per statement and period: the plan shapes
@@ -225,22 +225,7 @@ def ingest(settings: Settings, expected: int) -> None:
 
 @pytest.fixture(scope="module")
 def module_settings(stack_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Settings:
-    from planpipe.stack import kafka
-
-    suffix = uuid.uuid4().hex[:10]
-    tmp = tmp_path_factory.mktemp("plans")
-    isolated = replace(
-        stack_settings,
-        topic=f"query-plans-{suffix}",
-        dlq_topic=f"query-plans-{suffix}.dlq",
-        consumer_group=f"query-plan-consumers-{suffix}",
-        replay_group=f"query-plan-dlq-replay-{suffix}",
-        data_dir=tmp / "data",
-        spool_path=tmp / "spool.sqlite3",
-        sample_rate_pct=100,
-    )
-    kafka.ensure_topics(isolated)
-    return isolated
+    return replace(isolated_settings(stack_settings, tmp_path_factory.mktemp("plans")), sample_rate_pct=100)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ on two clusters (B runs the same queries, unchanged).
 import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
 import msgspec
@@ -31,6 +31,7 @@ from planpipe.plans.findings import list_regressions
 from planpipe.plans.fingerprint import fingerprint
 from planpipe.plans.verdicts import DetectionConfig
 from planpipe.settings import Settings
+from planpipe_tests.conftest import isolated_settings
 from planpipe_tests.integration.plans.test_detector import capture, capture_role, drop_schema, ingest, publish
 
 N = 30  # executions per query and period
@@ -112,23 +113,8 @@ class World:
 
 @pytest.fixture(scope="module")
 def world(stack_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    from dataclasses import replace
-
-    from planpipe.stack import kafka
-
+    settings = replace(isolated_settings(stack_settings, tmp_path_factory.mktemp("evidence")), sample_rate_pct=100)
     suffix = uuid.uuid4().hex[:10]
-    tmp = tmp_path_factory.mktemp("evidence")
-    settings = replace(
-        stack_settings,
-        topic=f"query-plans-{suffix}",
-        dlq_topic=f"query-plans-{suffix}.dlq",
-        consumer_group=f"query-plan-consumers-{suffix}",
-        replay_group=f"query-plan-dlq-replay-{suffix}",
-        data_dir=tmp / "data",
-        spool_path=tmp / "spool.sqlite3",
-        sample_rate_pct=100,
-    )
-    kafka.ensure_topics(settings)
     dsn, schema = settings.pg_dsn, f"pp_evidence_{suffix}"
     a, b = f"evidence-a-{suffix}", f"evidence-b-{suffix}"
     sql = statements(schema)

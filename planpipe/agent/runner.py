@@ -6,9 +6,7 @@ goes, and the Redis drainer) and `sampler` (when live sampling is on); the HTTP
 endpoint serves from its own.
 """
 
-import fcntl
 import logging
-import os
 import sys
 import threading
 import time
@@ -32,6 +30,7 @@ from planpipe.agent.state import AgentState
 from planpipe.capture.logparse import LogFormat
 from planpipe.contract import encode_envelope
 from planpipe.health.fallback import FallbackModeReader
+from planpipe.process_lock import hold_exclusive_lock
 from planpipe.routing.metrics import start_metrics_server
 from planpipe.routing.producer import BreakerState
 from planpipe.routing.publish import Source
@@ -49,17 +48,8 @@ class AgentBusy(StackError):
 
 
 def _lock(path: Path) -> IO[bytes]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = open(path, "ab")  # noqa: SIM115 - held for the agent's lifetime
-    try:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        raise AgentBusy(f"another planpipe agent runs with state directory {path.parent}") from None
-    handle.truncate(0)
-    handle.write(f"{os.getpid()}\n".encode())
-    handle.flush()
-    return handle
+    busy = f"another planpipe agent runs with state directory {path.parent}"
+    return hold_exclusive_lock(path, lambda: AgentBusy(busy))
 
 
 class Agent:

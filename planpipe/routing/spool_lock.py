@@ -1,11 +1,10 @@
 """One writer per spool file: an exclusive lock beside it, held for the producer's lifetime."""
 
-import fcntl
-import os
 from pathlib import Path
 from typing import IO
 
 from planpipe.errors import OperatorError
+from planpipe.process_lock import hold_exclusive_lock
 
 
 class SpoolInUse(OperatorError, RuntimeError):
@@ -14,14 +13,7 @@ class SpoolInUse(OperatorError, RuntimeError):
 
 def lock_spool(path: Path) -> IO[bytes]:
     """One writer per spool file: two drains would send the same rows twice."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = open(path.with_name(path.name + ".lock"), "ab")  # noqa: SIM115 - held for the producer's lifetime
-    try:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        raise SpoolInUse(f"spool {path} is in use by another planpipe producer (pid file lock held)") from None
-    handle.truncate(0)
-    handle.write(f"{os.getpid()}\n".encode())
-    handle.flush()
-    return handle
+    return hold_exclusive_lock(
+        path.with_name(path.name + ".lock"),
+        lambda: SpoolInUse(f"spool {path} is in use by another planpipe producer (pid file lock held)"),
+    )

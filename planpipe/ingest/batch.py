@@ -4,7 +4,7 @@ Kept apart from the consumer loop so it can be unit-tested and benchmarked alone
 """
 
 import ctypes
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
@@ -13,8 +13,7 @@ from planpipe.dlq import DeadLetter
 from planpipe.messaging.headers import H_TRACE_ID, AnyHeaders, as_header_list
 from planpipe.messaging.keys import parse_message_key
 from planpipe.messaging.routes import RoutingConfig, ingest_route
-from planpipe.plans.fingerprint import PlanParseError, fingerprint
-from planpipe.plans.work import NO_WORK, plan_work
+from planpipe.plans.fingerprint import PlanParseError, fingerprint_and_work
 
 
 class KafkaRecord(Protocol):
@@ -91,7 +90,6 @@ def prepare_batch(
     *,
     drop_low_priority: bool = False,
     known_fingerprints: set[str] | None = None,
-    fingerprint_of: Callable[[str], str] = fingerprint,
 ) -> PreparedBatch:
     obs = Observations()
     dead: list[DeadLetter] = []
@@ -114,7 +112,7 @@ def prepare_batch(
             if key:
                 priority = parse_message_key(key)[0]
             envelope = decoder.decode(raw)
-            plan_fingerprint = fingerprint_of(envelope.plan_text)
+            plan_fingerprint, work = fingerprint_and_work(envelope.plan_text)
         except ContractViolation as violation:
             dead.append(dead_letter(record, raw, violation.reason, violation.field, violation.detail))
             continue
@@ -150,10 +148,6 @@ def prepare_batch(
         obs.kafka_topic.append(topic)
         obs.kafka_partition.append(partition)
         obs.kafka_offset.append(offset)
-        try:
-            work = plan_work(envelope.plan_text)
-        except PlanParseError:  # odd types in the work fields: keep the observation, work unknown
-            work = NO_WORK
         obs.shared_blocks.append(work.shared_blocks)
         obs.temp_blocks.append(work.temp_blocks)
         obs.top_rows.append(work.top_rows)

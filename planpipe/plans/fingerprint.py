@@ -11,6 +11,7 @@ from typing import Final
 import msgspec
 
 from planpipe.plans.normalize import PlanNode, PlanParseError, normalize_plan, summarize
+from planpipe.plans.work import NO_WORK, PlanWork, read_work
 
 __all__ = [
     "FINGERPRINT_PERSON",
@@ -20,6 +21,7 @@ __all__ = [
     "PlanParseError",
     "canonical_json",
     "fingerprint",
+    "fingerprint_and_work",
     "fingerprint_node",
     "identify_plan",
     "normalized_json",
@@ -70,6 +72,20 @@ def fingerprint_node(node: PlanNode) -> str:
 def fingerprint(plan_text: str | bytes) -> str:
     """Fingerprint of the plan in EXPLAIN JSON text; raises `PlanParseError`."""
     return _digest(canonical_json(normalize_plan(plan_text)))
+
+
+def fingerprint_and_work(plan_text: str | bytes) -> tuple[str, PlanWork]:
+    """`(fingerprint(plan_text), plan_work(plan_text))` from one decode (the ingest path).
+
+    Raises `PlanParseError` when `fingerprint` would. Work fields of odd types fail the
+    combined decode but not the fingerprint's: the plan is then kept with its work unknown.
+    """
+    try:
+        top = read_work(plan_text)
+    except PlanParseError:
+        return fingerprint(plan_text), NO_WORK
+    work = top.take_work()  # clears the work fields: `top` now encodes as its PlanNode
+    return _digest(canonical_json(top)), work
 
 
 def normalized_json(plan_text: str | bytes) -> str:

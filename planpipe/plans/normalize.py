@@ -18,7 +18,7 @@ struct holds what tells plans apart and nothing more.
 import re
 from collections.abc import Iterator
 from functools import lru_cache
-from typing import Final
+from typing import Final, Generic, TypeAlias, TypeVar
 
 import msgspec
 from msgspec import field
@@ -28,9 +28,12 @@ from planpipe.errors import PlanpipeError
 
 __all__ = [
     "PLACEHOLDER",
+    "Explain",
+    "ExplainDecoder",
     "GroupingSet",
     "PlanNode",
     "PlanParseError",
+    "decode_top_node",
     "iter_nodes",
     "load_normalized",
     "node_label",
@@ -211,24 +214,26 @@ class PlanNode(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, gc
             force_setattr(self, "schema", "pg_temp")
 
 
-class _Explain(msgspec.Struct, gc=False):
-    """One EXPLAIN result, or an auto_explain log entry ("Query Text" + "Plan")."""
+NodeT = TypeVar("NodeT", bound=PlanNode)
 
-    plan: PlanNode = field(name="Plan")
+
+class Explain(msgspec.Struct, Generic[NodeT], gc=False):
+    """One EXPLAIN result, or an auto_explain log entry ("Query Text" + "Plan"), read as far as its
+    top node of type `NodeT` (`PlanNode`, or a subclass reading more of the top node)."""
+
+    plan: NodeT = field(name="Plan")
 
 
 # EXPLAIN prints a one-element array; auto_explain and some tools print the object.
-_DECODER: Final[msgspec.json.Decoder[list[_Explain] | _Explain]] = msgspec.json.Decoder(list[_Explain] | _Explain)
+ExplainDecoder: TypeAlias = msgspec.json.Decoder[list[Explain[NodeT]] | Explain[NodeT]]
+_DECODER: Final[ExplainDecoder[PlanNode]] = msgspec.json.Decoder(list[Explain[PlanNode]] | Explain[PlanNode])
 _NODE_DECODER: Final = msgspec.json.Decoder(PlanNode)
 
 
-def normalize_plan(plan_text: str | bytes) -> PlanNode:
-    """Decode EXPLAIN JSON text into its normalized plan tree.
-
-    Raises `PlanParseError` for anything that is not an EXPLAIN JSON plan.
-    """
+def decode_top_node(decoder: ExplainDecoder[NodeT], plan_text: str | bytes) -> NodeT:
+    """The top node of EXPLAIN JSON text, decoded by `decoder`; raises `PlanParseError`."""
     try:
-        decoded = _DECODER.decode(plan_text)
+        decoded = decoder.decode(plan_text)
     except msgspec.ValidationError as exc:
         raise PlanParseError(f"not an EXPLAIN JSON plan: {exc}") from None
     except msgspec.DecodeError as exc:
@@ -237,11 +242,19 @@ def normalize_plan(plan_text: str | bytes) -> PlanNode:
         raise PlanParseError("plan is nested too deeply to decode") from None
     except UnicodeError as exc:  # lone surrogates in a str cannot be UTF-8 encoded
         raise PlanParseError(f"plan text is not valid UTF-8: {exc}") from None
-    if isinstance(decoded, _Explain):
+    if isinstance(decoded, Explain):
         return decoded.plan
     if len(decoded) != 1:
         raise PlanParseError(f"EXPLAIN output must hold exactly one plan, found {len(decoded)}")
     return decoded[0].plan
+
+
+def normalize_plan(plan_text: str | bytes) -> PlanNode:
+    """Decode EXPLAIN JSON text into its normalized plan tree.
+
+    Raises `PlanParseError` for anything that is not an EXPLAIN JSON plan.
+    """
+    return decode_top_node(_DECODER, plan_text)
 
 
 def load_normalized(normalized: str | bytes) -> PlanNode:

@@ -16,27 +16,11 @@ from typing import Final
 
 import msgspec
 from msgspec import field
+from msgspec.structs import force_setattr
 
-from planpipe.plans.normalize import PlanParseError
+from planpipe.plans.normalize import Explain, ExplainDecoder, PlanNode, decode_top_node
 
-__all__ = ["NO_WORK", "WORK_COLUMNS", "PlanWork", "plan_work"]
-
-
-class _TopNode(msgspec.Struct, gc=False):
-    # Only these keys are declared: msgspec skips the rest (the whole subtree included) in C.
-    shared_hit: int | None = field(name="Shared Hit Blocks", default=None)
-    shared_read: int | None = field(name="Shared Read Blocks", default=None)
-    temp_read: int | None = field(name="Temp Read Blocks", default=None)
-    temp_written: int | None = field(name="Temp Written Blocks", default=None)
-    rows: float | None = field(name="Actual Rows", default=None)  # PostgreSQL 18 prints 1.00
-    loops: int | None = field(name="Actual Loops", default=None)
-
-
-class _Explain(msgspec.Struct, gc=False):
-    plan: _TopNode = field(name="Plan")
-
-
-_DECODER: Final[msgspec.json.Decoder[list[_Explain] | _Explain]] = msgspec.json.Decoder(list[_Explain] | _Explain)
+__all__ = ["NO_WORK", "WORK_COLUMNS", "PlanWork", "WorkedNode", "plan_work", "read_work"]
 
 
 class PlanWork(msgspec.Struct, frozen=True, gc=False):
@@ -54,7 +38,7 @@ class PlanWork(msgspec.Struct, frozen=True, gc=False):
 # Column names in the observations dataset, in this order.
 WORK_COLUMNS: Final = ("shared_blocks", "temp_blocks", "top_rows", "top_loops")
 # What the ingest records when a plan's work fields cannot be read (odd types): the
-# observation is kept, its work is unknown.
+# observation is kept, its work unknown.
 NO_WORK: Final = PlanWork(None, None, None, None)
 
 
@@ -64,25 +48,46 @@ def _sum(a: int | None, b: int | None) -> int | None:
     return (a or 0) + (b or 0)
 
 
-def plan_work(plan_text: str | bytes) -> PlanWork:
-    """The work totals of an EXPLAIN JSON plan (an EXPLAIN array or an auto_explain object).
+class WorkedNode(PlanNode, frozen=True, kw_only=True, omit_defaults=True, gc=False):
+    """The top plan node with its work fields too, so one decode serves the fingerprint and the work.
 
-    Raises `PlanParseError` for text that is not an EXPLAIN JSON plan.
+    The work fields come after PlanNode's and are None once `take_work` has read them: the node
+    then encodes exactly as the PlanNode it extends (omit_defaults), i.e. to the same canonical JSON.
     """
-    try:
-        decoded = _DECODER.decode(plan_text)
-    except msgspec.ValidationError as exc:
-        raise PlanParseError(f"not an EXPLAIN JSON plan: {exc}") from None
-    except (msgspec.DecodeError, RecursionError, UnicodeError) as exc:
-        raise PlanParseError(f"plan text is not valid JSON: {exc}") from None
-    if isinstance(decoded, list):
-        if len(decoded) != 1:
-            raise PlanParseError(f"EXPLAIN output must hold exactly one plan, found {len(decoded)}")
-        decoded = decoded[0]
-    top = decoded.plan
-    return PlanWork(
-        shared_blocks=_sum(top.shared_hit, top.shared_read),
-        temp_blocks=_sum(top.temp_read, top.temp_written),
-        top_rows=top.rows,
-        top_loops=top.loops,
-    )
+
+    shared_hit: int | None = field(default=None, name="Shared Hit Blocks")
+    shared_read: int | None = field(default=None, name="Shared Read Blocks")
+    temp_read: int | None = field(default=None, name="Temp Read Blocks")
+    temp_written: int | None = field(default=None, name="Temp Written Blocks")
+    rows: float | None = field(default=None, name="Actual Rows")  # PostgreSQL 18 prints 1.00
+    loops: int | None = field(default=None, name="Actual Loops")
+
+    def take_work(self) -> PlanWork:
+        """The work totals; the work fields are cleared (the node is then its plain PlanNode form)."""
+        work = PlanWork(
+            shared_blocks=_sum(self.shared_hit, self.shared_read),
+            temp_blocks=_sum(self.temp_read, self.temp_written),
+            top_rows=self.rows,
+            top_loops=self.loops,
+        )
+        for name in _WORK_FIELDS:
+            force_setattr(self, name, None)
+        return work
+
+
+_WORK_FIELDS: Final = ("shared_hit", "shared_read", "temp_read", "temp_written", "rows", "loops")
+_DECODER: Final[ExplainDecoder[WorkedNode]] = msgspec.json.Decoder(list[Explain[WorkedNode]] | Explain[WorkedNode])
+
+
+def read_work(plan_text: str | bytes) -> WorkedNode:
+    """The top node of an EXPLAIN JSON plan (array or auto_explain object) with its work fields.
+
+    Raises `PlanParseError` for text that is not an EXPLAIN JSON plan, and for work fields of
+    odd types (which `fingerprint` alone would accept).
+    """
+    return decode_top_node(_DECODER, plan_text)
+
+
+def plan_work(plan_text: str | bytes) -> PlanWork:
+    """The work totals of an EXPLAIN JSON plan; raises `PlanParseError` like `read_work`."""
+    return read_work(plan_text).take_work()

@@ -32,3 +32,20 @@ def walk(node: dict[str, Any]) -> list[dict[str, Any]]:
     for child in node.get("Plans", []):
         nodes.extend(walk(child))
     return nodes
+
+
+def expected_work(plan_text: str) -> tuple[int | None, int | None, float | None, int | None]:
+    """The top node's work totals read with stdlib json: an oracle for `plan_work`'s columns."""
+    doc = json.loads(plan_text)
+    top = (doc[0] if isinstance(doc, list) else doc)["Plan"]
+
+    def total(a: str, b: str) -> int | None:
+        return None if a not in top and b not in top else top.get(a, 0) + top.get(b, 0)
+
+    rows = top.get("Actual Rows")
+    return (
+        total("Shared Hit Blocks", "Shared Read Blocks"),
+        total("Temp Read Blocks", "Temp Written Blocks"),
+        None if rows is None else float(rows),
+        top.get("Actual Loops"),
+    )

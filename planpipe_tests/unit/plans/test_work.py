@@ -8,11 +8,13 @@ import pytest
 from planpipe.contract import Envelope, EnvelopeDecoder, encode_envelope
 from planpipe.ingest import parquet_sink
 from planpipe.ingest.batch import prepare_batch
+from planpipe.plans.fingerprint import fingerprint as fingerprint_alone
+from planpipe.plans.fingerprint import fingerprint_and_work
 from planpipe.plans.normalize import PlanParseError
-from planpipe.plans.work import WORK_COLUMNS, PlanWork, plan_work
+from planpipe.plans.work import NO_WORK, WORK_COLUMNS, PlanWork, plan_work
 from planpipe.routing.router import RoutingConfig
 from planpipe_tests.unit.ingest.test_latency_and_batch import Record
-from planpipe_tests.unit.plans._fixtures import plan_doc, plan_text
+from planpipe_tests.unit.plans._fixtures import all_names, expected_work, plan_doc, plan_text
 
 
 def test_top_node_totals_of_real_plans() -> None:
@@ -63,3 +65,36 @@ def test_ingest_carries_the_work_to_parquet(tmp_path: Path) -> None:
     parquet_sink.write_batch(tmp_path, batch.observations, [("query-plans", 3, 1, 2)])
     rows = parquet_sink.scan(tmp_path).sort("kafka_offset").select(WORK_COLUMNS).collect().rows()
     assert rows == [(1659, 10366, 100_000.0, 1), (None, None, None, None)]
+
+
+# --- one decode for the fingerprint and the work (the ingest path) ------------------------
+
+
+def _other_form(text: str) -> str:
+    """EXPLAIN's one-element array as auto_explain's object, and the other way round."""
+    doc = json.loads(text)
+    return json.dumps(doc[0] if isinstance(doc, list) else [doc])
+
+
+@pytest.mark.parametrize("name", all_names())
+def test_fingerprint_and_work_equal_the_two_separate_reads(name: str) -> None:
+    for text in (plan_text(name), _other_form(plan_text(name))):
+        fingerprint, work = fingerprint_and_work(text)
+        assert fingerprint == fingerprint_alone(text)
+        assert work == plan_work(text)
+        assert tuple(work.columns().values()) == expected_work(text)
+
+
+def test_odd_work_types_keep_the_fingerprint_and_lose_the_work() -> None:
+    doc = plan_doc("sort_external")
+    doc[0]["Plan"]["Actual Loops"] = "one"
+    assert fingerprint_and_work(json.dumps(doc)) == (fingerprint_alone(plan_text("sort_external")), NO_WORK)
+
+
+@pytest.mark.parametrize("text", ["", "not json", "[]", '[{"Plan": 1}]', '[{"Plan": {"Actual Loops": 1}}]'])
+def test_fingerprint_and_work_reject_what_the_fingerprint_rejects(text: str) -> None:
+    with pytest.raises(PlanParseError) as alone:
+        fingerprint_alone(text)
+    with pytest.raises(PlanParseError) as combined:
+        fingerprint_and_work(text)
+    assert str(combined.value) == str(alone.value)

@@ -144,6 +144,18 @@ def _percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[min(len(sorted_values) - 1, max(0, math.ceil(q * len(sorted_values)) - 1))]
 
 
+def busy_seconds(spans: list[tuple[float, float]]) -> float:
+    """Seconds during which at least one batch was in the engine (decoded, written or both):
+    batches overlap (one is decoded while the one before it is written), so their durations
+    are not summed but their spans united."""
+    busy, end = 0.0, float("-inf")
+    for start, stop in sorted(spans):
+        if stop > end:
+            busy += stop - max(start, end)
+            end = stop
+    return busy
+
+
 def record_latencies(parquet_root: Path, batch_log: list[dict[str, Any]], skip_prefix: str) -> list[float]:
     """publish → commit latency (ms) of every record of the logged batches, warm-up records left out."""
     import polars as pl
@@ -185,6 +197,7 @@ def run_latency(
     batch_log = result.pop("batch_log")
     lat = record_latencies(settings.parquet_dir, batch_log, "warmup")
     durations = sorted(float(b["duration_ms"]) for b in batch_log)
+    busy_s = busy_seconds([(float(b["started_at"]), float(b["committed_at"])) for b in batch_log])
     window_s = float(result.get("seconds") or 0.0)
     out: dict[str, Any] = {
         "stages": result.get("stages"),
@@ -203,12 +216,8 @@ def run_latency(
         "batch_duration_p50_ms": round(_percentile(durations, 0.5), 1) if durations else None,
         "batch_duration_max_ms": round(durations[-1], 1) if durations else None,
         # Share of the window the engine spent processing batches (the rest: waiting for records).
-        "busy_pct": round(100 * sum(b["duration_ms"] for b in batch_log[1:]) / 1000 / window_s, 1)
-        if window_s
-        else None,
-        "live_capacity_eps": round(sum(b["consumed"] for b in batch_log) / (sum(durations) / 1000), 1)
-        if durations
-        else None,
+        "busy_pct": round(100 * busy_s / window_s, 1) if window_s else None,
+        "live_capacity_eps": round(sum(b["consumed"] for b in batch_log) / busy_s, 1) if busy_s else None,
     }
     if lat:
         out.update(

@@ -6,7 +6,7 @@ Kept apart from the consumer loop so it can be unit-tested and benchmarked alone
 import ctypes
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Final, Protocol
+from typing import Final, Protocol, TypeVar
 
 from planpipe.contract import ContractViolation, EnvelopeDecoder, Reason
 from planpipe.dlq import DeadLetter
@@ -26,6 +26,13 @@ class KafkaRecord(Protocol):
     def partition(self) -> int | None: ...
     def offset(self) -> int | None: ...
     def timestamp(self) -> tuple[int, int]: ...
+
+
+class _HasValue(Protocol):
+    def value(self) -> bytes | None: ...
+
+
+_R = TypeVar("_R", bound=_HasValue)
 
 
 @dataclass
@@ -204,6 +211,25 @@ def next_batch_limit(limit: int, received: int, floor: int, ceiling: int, receiv
     if received < limit // 2:
         return max(floor, limit // 2)
     return min(limit, ceiling)
+
+
+# A micro-batch holds at most this many bytes of envelopes (500 plans of 8 MiB would be 4 GiB).
+BATCH_MAX_BYTES: Final = 64 * 1024 * 1024
+
+
+def split_by_bytes(records: list[_R], max_bytes: int) -> list[list[_R]]:
+    """Consecutive slices of at most `max_bytes` of values (one record at least): memory stays
+    bounded when the records are large plans, whatever the message count."""
+    chunks: list[list[_R]] = [[]]
+    size = 0
+    for record in records:
+        length = len(record.value() or b"")
+        if chunks[-1] and size + length > max_bytes:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(record)
+        size += length
+    return chunks
 
 
 def _trace_header(record: KafkaRecord) -> str | None:

@@ -23,6 +23,12 @@ crash. Offsets have gaps (transaction markers, aborted transactions): the store
 fences on "not already committed", and Kafka offsets follow the consumer's
 position so a trailing marker never reads as lag.
 
+Steps 3–5 run on the batch writer's thread (`writer`) while this loop decodes the next
+batch; step 6 and the batch's report wait for that write to finish, so the order above
+holds per batch and batches are committed one at a time, in the order consumed. A batch
+found stale sends its partitions back to the stored offsets and the batch decoded
+meanwhile is consumed again; partitions change hands only after the batch being written.
+
 The loop's Kafka mechanics shared with the DLQ replay (record errors, lag, caught-up, fault
 points) are `planpipe.messaging.consumer.ConsumerLoop`; the order above is this module's.
 
@@ -38,19 +44,23 @@ from typing import Final
 
 from confluent_kafka import OFFSET_INVALID, Consumer, KafkaException, Message, TopicPartition
 
-from planpipe import tracing
 from planpipe.contract import EnvelopeDecoder, Reason
-from planpipe.ingest import baseline_sink, faults, isolate, metrics, parquet_sink, sinks
+from planpipe.ingest import faults, metrics, parquet_sink, sinks
+from planpipe.ingest.baseline_sink import CommitResult
 from planpipe.ingest.batch import (
     BATCH_GROWTH,
+    BATCH_MAX_BYTES,
     PREFETCH_KBYTES,
+    KafkaRecord,
     PreparedBatch,
     next_batch_limit,
     prepare_batch,
+    split_by_bytes,
     trim_heap,
 )
 from planpipe.ingest.breaker import LatencyBreaker, LockWaitThrottle
 from planpipe.ingest.sinks import Abandoned
+from planpipe.ingest.writer import BatchWriter, WrittenBatch
 from planpipe.kafka_config import consumer_config
 from planpipe.messaging.consumer import ConsumerLoop, assignment_grace_s, fault_point
 from planpipe.messaging.routes import RoutingConfig
@@ -61,23 +71,6 @@ logger = logging.getLogger("planpipe.ingest")
 _KNOWN_FINGERPRINTS_MAX: Final = 200_000
 # Watchdog: lag and no committed batch for this long means the run is stuck.
 STALL_AFTER_S: Final = 60.0
-# A micro-batch holds at most this many bytes of envelopes (500 plans of 8 MiB would be 4 GiB).
-BATCH_MAX_BYTES: Final = 64 * 1024 * 1024
-
-
-def split_by_bytes(records: list[Message], max_bytes: int) -> list[list[Message]]:
-    """Consecutive slices of at most `max_bytes` of values (one record at least): memory stays
-    bounded when the records are large plans, whatever the message count."""
-    chunks: list[list[Message]] = [[]]
-    size = 0
-    for record in records:
-        length = len(record.value() or b"")
-        if chunks[-1] and size + length > max_bytes:
-            chunks.append([])
-            size = 0
-        chunks[-1].append(record)
-        size += length
-    return chunks
 
 
 @dataclass(frozen=True)
@@ -95,6 +88,8 @@ class BatchReport:
     parquet_files: list[str]
     breaker_open: bool
     sink_rejected: int = 0
+    started_at: float = 0.0  # wall clock: the batch's decode began
+    committed_at: float = 0.0  # wall clock: its PostgreSQL commit returned
 
 
 @dataclass
@@ -161,6 +156,9 @@ class IngestEngine(ConsumerLoop):
         self._consumer_retries = 0
         self._last_uncached_lag = 0.0
         self._sinks = sinks.BatchSinks(settings, self._stop, self.throttle, self._warn, client_id)
+        self._writer = BatchWriter(self._sinks, self._stop, self._warn, settings.consumer_group)
+        self._summary = RunSummary()  # the running one: batches are settled from rebalance callbacks too
+        self._rebalance_error: BaseException | None = None
         extra: dict[str, str | int | bool] = {"client.id": client_id, "queued.max.messages.kbytes": PREFETCH_KBYTES}
         conf = consumer_config(settings, settings.consumer_group, **extra)
         self._assignment_grace_s = assignment_grace_s(conf)
@@ -168,6 +166,7 @@ class IngestEngine(ConsumerLoop):
 
     # -- partition assignment: PostgreSQL is the source of truth for positions ------------
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._settle_before_rebalance()
         stored = self._sinks.stored_offsets()
         for tp in partitions:
             # Files at or past the stored offset were never committed; with no stored
@@ -187,6 +186,7 @@ class IngestEngine(ConsumerLoop):
         logger.info("assigned %s", sorted(tp.partition for tp in partitions))
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._settle_before_rebalance()
         consumer.incremental_unassign(partitions)
         for tp in partitions:
             self._next_offsets.pop(tp.partition, None)
@@ -206,6 +206,7 @@ class IngestEngine(ConsumerLoop):
 
     def close(self) -> None:
         try:
+            self._writer.close()
             self._await_kafka_commits()
             self._consumer.close()
         finally:
@@ -235,10 +236,26 @@ class IngestEngine(ConsumerLoop):
         A long-lived run (the Dagster asset) lingers caught up for a while, so traffic that
         keeps arriving is committed within the latency SLA instead of waiting for the next run.
         """
-        summary = RunSummary()
+        summary = self._summary = RunSummary()
         started = time.monotonic()
         self._last_commit = started
         self._consumer.subscribe([self.settings.topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
+        try:
+            self._loop(summary, started, until_caught_up=until_caught_up, max_seconds=max_seconds, idle_s=idle_s)
+        except Abandoned:
+            summary.abandoned_batches += 1
+            logger.info("stop requested: uncommitted batch abandoned (it is consumed again by the next run)")
+        finally:
+            self._writer.discard()  # after an error: a batch still being written ends before anything else
+        summary.seconds = round(time.monotonic() - started, 3)
+        summary.final_lag = self.lag()
+        summary.pg_retries = self._sinks.pg_retries
+        summary.kafka_retries = self._sinks.kafka_retries + self._consumer_retries
+        return summary
+
+    def _loop(
+        self, summary: RunSummary, started: float, *, until_caught_up: bool, max_seconds: float | None, idle_s: float
+    ) -> None:
         idle_polls = 0
         caught_up_since: float | None = None
         consume_backoff = faults.Backoff(self._stop, first_s=0.5, max_s=10.0)
@@ -254,8 +271,11 @@ class IngestEngine(ConsumerLoop):
                 self._warn("consume", f"consumer error, retrying: {error}")
                 consume_backoff.wait()
                 continue
+            finally:
+                self._raise_rebalance_error()
             consume_backoff.reset()
             if not records:
+                self._settle(summary)  # nothing to decode meanwhile: finish the batch being written
                 idle_polls += 1
                 self._advance_past_markers()
                 waited_s = time.monotonic() - started
@@ -273,25 +293,18 @@ class IngestEngine(ConsumerLoop):
             # Right after consume(): past the last record and any markers behind it.
             positions = self._positions(records)
             chunks = split_by_bytes(records, BATCH_MAX_BYTES)
-            try:
-                for n, chunk in enumerate(chunks, 1):
-                    report = self._process(chunk, positions if n == len(chunks) else {}, summary)
-                    if report is not None and self.on_batch is not None:
-                        self.on_batch(report)
-            except Abandoned:
-                summary.abandoned_batches += 1
-                logger.info("stop requested: uncommitted batch abandoned (it is consumed again by the next run)")
-                break
+            for n, chunk in enumerate(chunks, 1):
+                prepared = self._prepare(chunk, positions if n == len(chunks) else {})
+                # The previous batch was written while this one was decoded.
+                if not self._settle(summary, unwritten=chunks[n - 1 :]):
+                    break
+                self._writer.submit(prepared)
             self._watch_progress(summary)
             delay = self.throttle.delay_s()
             if delay:
                 summary.throttled_s += delay
                 self._stop.wait(delay)
-        summary.seconds = round(time.monotonic() - started, 3)
-        summary.final_lag = self.lag()
-        summary.pg_retries = self._sinks.pg_retries
-        summary.kafka_retries = self._sinks.kafka_retries + self._consumer_retries
-        return summary
+        self._settle(summary)  # the last batch: committed, or abandoned on the stop request
 
     def _consume(self) -> list[Message]:
         records = self._consumer.consume(num_messages=self._batch_limit, timeout=self.max_wait_s)
@@ -349,9 +362,9 @@ class IngestEngine(ConsumerLoop):
                 ", ".join(f"{p}: {n}" for p, n in behind.items()),
             )
 
-    # -- one batch ----------------------------------------------------------------------
-    def _process(self, records: list[Message], positions: dict[int, int], summary: RunSummary) -> BatchReport | None:
-        batch_started = time.time()
+    # -- one batch: decoded here, written on the writer's thread, finished here -------------
+    def _prepare(self, records: list[Message], positions: dict[int, int]) -> WrittenBatch:
+        started = time.time()
         batch = prepare_batch(
             records,
             self.decoder,
@@ -360,60 +373,59 @@ class IngestEngine(ConsumerLoop):
             known_fingerprints=self._known_fingerprints,
         )
         fault_point("after_decode")
-        decoded_at = parquet_started = parquet_done = commit_started = time.time()  # stage times: traces
-        published = 0
-        written: list[parquet_sink.WrittenFile] = []
-        relative: list[str] = []
-        data_backoff = faults.Backoff(self._stop)
-        while True:
-            try:
-                self._sinks.publish_dead_letters(batch.dead_letters[published:])
-                published = len(batch.dead_letters)
-                parquet_started = time.time()
-                written = self._sinks.write_parquet(batch, replacing=written)
-                parquet_done = time.time()
-                fault_point("after_parquet")
-                new_plans = sinks.identify_new_plans(batch)
-                relative = [str(w.path.relative_to(self.parquet_root)) for w in written]
-                commit_started = time.time()
-                result = self._sinks.commit(batch, new_plans, relative, batch_started)
-                break
-            except baseline_sink.StaleBatchError as stale:
-                # Another consumer committed these offsets: drop our copy, resume from the store.
-                logger.warning("stale batch discarded: %s", stale)
-                summary.stale_batches += 1
-                self._sinks.discard_uncommitted_files(relative)
-                self._seek_to_stored(batch)
-                return None
-            except Exception as error:
-                if not faults.is_data_fault(error):
-                    raise
-                rejects = isolate.find_rejects(batch, self._sinks.trial)
-                if not rejects:
-                    # Not one record's fault after all: retry the batch as a whole.
-                    logger.warning("batch refused (%s) but no record fails alone; retrying", error)
-                    if not data_backoff.wait():
-                        raise Abandoned from error
-                    continue
-                obs = batch.observations
-                for index, reason in rejects.items():
-                    logger.warning(
-                        "record %s[%s]@%s refused by a sink, dead-lettered: %s",
-                        obs.kafka_topic[index], obs.kafka_partition[index], obs.kafka_offset[index], reason,
-                    )  # fmt: skip
-                batch = isolate.without_rejects(batch, rejects, records)
-                summary.sink_rejected += len(rejects)
-                metrics.SINK_REJECTED.inc(len(rejects))
-        fault_point("after_pg_commit")
+        return WrittenBatch(records, batch, positions, started, time.time())
+
+    def _settle(self, summary: RunSummary, unwritten: Sequence[Sequence[KafkaRecord]] = ()) -> bool:
+        """Finish the batch being written, if any: Kafka commit, metrics, report. False when it
+        was stale: its partitions, and those of `unwritten` (records consumed after it, which
+        are dropped), then resume from the store."""
+        written = self._writer.wait()
+        if written is None:
+            return True
+        summary.sink_rejected += written.sink_rejected
+        if written.result is None:
+            summary.stale_batches += 1
+            self._resume_from_store([written.records, *unwritten])
+            return False
+        report = self._finish(written, written.result, summary)
+        if self.on_batch is not None:
+            self.on_batch(report)
+        return True
+
+    def _resume_from_store(self, dropped: Sequence[Sequence[KafkaRecord]]) -> None:
+        """Consume the dropped records again, from where the store says this group is: past what
+        another consumer committed meanwhile, never past a record nobody has committed."""
+        first: dict[tuple[str, int], int] = {}
+        for records in dropped:
+            for record in records:
+                key, offset = (record.topic() or "", record.partition() or 0), record.offset() or 0
+                first[key] = min(first.get(key, offset), offset)
+        stored = self._sinks.stored_offsets()
+        assigned = {tp.partition for tp in self._consumer.assignment()}
+        for (topic, partition), offset in first.items():
+            if partition in assigned:
+                self._consumer.seek(TopicPartition(topic, partition, max(offset, stored.get(partition, offset))))
+
+    def _settle_before_rebalance(self) -> None:
+        """Partitions change hands only between batches: the batch being written is finished
+        (its offsets committed) first. An error is raised once consume() returns."""
+        try:
+            self._settle(self._summary)
+        except BaseException as error:  # a callback must not raise into librdkafka
+            self._rebalance_error = self._rebalance_error or error
+
+    def _raise_rebalance_error(self) -> None:
+        error, self._rebalance_error = self._rebalance_error, None
+        if error is not None:
+            raise error
+
+    def _finish(self, written: WrittenBatch, result: CommitResult, summary: RunSummary) -> BatchReport:
+        batch = written.batch
         self._last_commit = time.monotonic()
-        self._remember(new_plans)
-        self._commit_kafka(batch, positions)
+        self._remember(written.new_plans)
+        self._commit_kafka(batch, written.positions)
         fault_point("after_kafka_commit")
         trim_heap()  # the batch's memory goes back to the OS before the next consume
-        times = tracing.BatchTimes(batch_started, decoded_at, parquet_started, parquet_done, commit_started,
-                                   result.committed_at)  # fmt: skip
-        self._trace(records, batch, result.batch_id, times)
-
         self.breaker.record(result.p95_latency_ms or 0.0)
         self.throttle.record(result.lock_wait_ms)
         metrics.RECORDS_CONSUMED.inc(batch.consumed)
@@ -421,9 +433,9 @@ class IngestEngine(ConsumerLoop):
         metrics.DROPPED_LOW.inc(batch.dropped_low)
         metrics.LOCK_WAIT_MS.set(result.lock_wait_ms)
         metrics.BREAKER_OPEN.set(1 if self.breaker.is_open else 0)
-        committed_at = result.committed_at
         metrics.observe_many(
-            metrics.PUBLISH_TO_COMMIT_MS, [max(0.0, (committed_at - p) * 1000) for p in batch.observations.published_at]
+            metrics.PUBLISH_TO_COMMIT_MS,
+            [max(0.0, (result.committed_at - p) * 1000) for p in batch.observations.published_at],
         )
         summary.batches += 1
         summary.consumed += batch.consumed
@@ -442,31 +454,13 @@ class IngestEngine(ConsumerLoop):
             p50_latency_ms=result.p50_latency_ms,
             p95_latency_ms=result.p95_latency_ms,
             lock_wait_ms=result.lock_wait_ms,
-            duration_ms=(result.committed_at - batch_started) * 1000,
-            parquet_files=[str(w.path.relative_to(self.parquet_root)) for w in written],
+            duration_ms=(result.committed_at - written.started) * 1000,
+            parquet_files=[str(w.path.relative_to(self.parquet_root)) for w in written.files],
             breaker_open=self.breaker.is_open,
             sink_rejected=sum(1 for d in batch.dead_letters if d.reason == Reason.SINK_REJECTED),
+            started_at=written.started,
+            committed_at=result.committed_at,
         )
-
-    def _trace(
-        self, records: Sequence[Message], batch: PreparedBatch, batch_id: int, times: tracing.BatchTimes
-    ) -> None:
-        """Spans and a trace_samples row for the batch's sampled envelopes (none: one list scan)."""
-        obs = batch.observations
-        sampled = tracing.sampled_indexes(obs.trace_id)
-        if not sampled:
-            return
-        try:
-            parents = tracing.parents_from_headers(
-                records, obs.kafka_partition, obs.kafka_offset, obs.trace_id, sampled
-            )
-            samples = tracing.record_ingest(
-                parents, obs.query_hash, obs.cluster_id, obs.published_at, times, batch_id,
-                {"messaging.kafka.consumer.group": self.settings.consumer_group},
-            )  # fmt: skip
-            tracing.store_samples(self._sinks.conn, self.settings.consumer_group, samples)
-        except Exception as error:  # diagnostics: never fail a committed batch over them
-            self._warn("trace", f"trace samples of batch {batch_id} not recorded: {error}")
 
     def _positions(self, records: Sequence[Message]) -> dict[int, int]:
         partitions = {(r.topic(), r.partition()) for r in records}
@@ -475,13 +469,6 @@ class IngestEngine(ConsumerLoop):
         except KafkaException:
             return {}
         return {tp.partition: tp.offset for tp in found if tp.offset >= 0}
-
-    def _seek_to_stored(self, batch: PreparedBatch) -> None:
-        stored = self._sinks.stored_offsets()
-        assigned = {tp.partition for tp in self._consumer.assignment()}
-        for span in batch.offset_ranges.values():
-            if span.partition in assigned and span.partition in stored:
-                self._consumer.seek(TopicPartition(span.topic, span.partition, stored[span.partition]))
 
     def _commit_kafka(self, batch: PreparedBatch, positions: dict[int, int]) -> None:
         offsets = []

@@ -335,6 +335,71 @@ def test_a_table_lock_is_measured_as_lock_wait(
     assert outcome[0].pg_retries >= 1  # one lock_timeout expired on the way
 
 
+def test_a_stale_batch_resumes_from_the_store_and_what_was_decoded_meanwhile_is_read_again(
+    settings: Settings, real_plans: dict[str, str], pg: psycopg.Connection[tuple[object, ...]]
+) -> None:
+    """While our batch waits for a lock, another consumer of the group commits the head of one
+    partition. Our batch is stale; the batch decoded meanwhile (the writes run beside the decode)
+    is dropped too. That partition resumes past the other's commit, every other record is read
+    again: at the end each record not taken by the other is in Parquet and PostgreSQL once."""
+    _publish(settings, make_envelopes(real_plans, 600, _prefix(settings)))
+    counts = {p: n for p, n in _partition_counts(settings).items() if n}
+    taken_partition = max(counts, key=lambda p: counts[p])
+    taken = counts[taken_partition] // 2
+    # Two batches of several partitions each: one waits for the lock while the next is decoded.
+    engine = IngestEngine(settings, max_messages=300)
+    holder = psycopg.connect(settings.pg_dsn)
+    outcome: list[RunSummary] = []
+    try:
+        holder.execute("LOCK TABLE planpipe.plan_baselines IN ACCESS EXCLUSIVE MODE")
+        worker = threading.Thread(target=lambda: outcome.append(engine.run(until_caught_up=True, max_seconds=90)))
+        worker.start()
+        _wait_for_a_lock_wait(pg)
+        holder.execute(
+            """INSERT INTO planpipe.consumer_offsets (consumer_group, topic, partition, next_offset)
+               VALUES (%s, %s, %s, %s)
+               ON CONFLICT (consumer_group, topic, partition) DO UPDATE SET next_offset = excluded.next_offset""",
+            (settings.consumer_group, settings.topic, taken_partition, taken),
+        )
+        holder.commit()
+        worker.join(90)
+    finally:
+        holder.close()
+        engine.close()
+    assert outcome and outcome[0].caught_up, outcome
+    assert outcome[0].stale_batches >= 1
+    expected = {
+        (p, offset) for p, n in counts.items() for offset in range(n) if not (p == taken_partition and offset < taken)
+    }
+    frame = _parquet(settings)
+    found = list(zip(frame["kafka_partition"].to_list(), frame["kafka_offset"].to_list(), strict=True))
+    assert len(found) == len(set(found))  # nothing twice
+    assert set(found) == expected  # nothing lost, nothing the other consumer committed
+    assert _stored_executions(settings) == len(expected)
+
+
+def _partition_counts(settings: Settings) -> dict[int, int]:
+    from confluent_kafka import Consumer, TopicPartition
+
+    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": f"{settings.consumer_group}-w"})
+    try:
+        return {
+            p: consumer.get_watermark_offsets(TopicPartition(settings.topic, p), timeout=10)[1]
+            for p in range(settings.partitions)
+        }
+    finally:
+        consumer.close()
+
+
+def _wait_for_a_lock_wait(pg: psycopg.Connection[tuple[object, ...]], timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not pg.execute(
+        "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
+    ).fetchone():
+        assert time.monotonic() < deadline, "the batch never waited for the lock"
+        time.sleep(0.05)
+
+
 def test_until_caught_up_that_stops_short_exits_non_zero_naming_the_partitions(
     settings: Settings, real_plans: dict[str, str]
 ) -> None:

@@ -91,7 +91,7 @@ def test_prepare_batch_splits_valid_rejects_and_low_priority() -> None:
 
 
 def test_split_by_bytes_bounds_each_slice_and_keeps_order() -> None:
-    from planpipe.ingest.engine import split_by_bytes
+    from planpipe.ingest.batch import split_by_bytes
 
     class Sized:
         def __init__(self, n: int) -> None:
@@ -101,6 +101,6 @@ def test_split_by_bytes_bounds_each_slice_and_keeps_order() -> None:
             return b"x" * self.n
 
     records = [Sized(n) for n in (40, 40, 30, 100, 1, 1)]
-    chunks = split_by_bytes(records, 80)  # type: ignore[arg-type]
-    assert [[r.n for r in c] for c in chunks] == [[40, 40], [30], [100], [1, 1]]  # type: ignore[attr-defined]
-    assert split_by_bytes([], 80) == [[]]
+    chunks = split_by_bytes(records, 80)
+    assert [[r.n for r in c] for c in chunks] == [[40, 40], [30], [100], [1, 1]]
+    assert split_by_bytes(list[Sized](), 80) == [[]]

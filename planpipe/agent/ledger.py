@@ -129,16 +129,17 @@ class Watermarks:
         with self._lock:
             self._ring.insert(0, Snapshot(0.0, offsets))
 
-    def take(self) -> bool:
+    def take(self) -> Offsets | None:
+        """A snapshot of every publish topic's end offsets (also returned); None when Kafka does not answer."""
         try:
             offsets = end_offsets(self._consumer, self._topics, self._timeout_s)
         except KafkaException as error:
             logger.debug("watermark snapshot failed: %s", error)
-            return False
+            return None
         taken_at = time.time()
         with self._lock:
             self._ring.append(Snapshot(taken_at, offsets))
-        return True
+        return offsets
 
     def scan_from(self, bound: float) -> Offsets | None:
         """Offsets no later than anything produced after `bound`; older snapshots are forgotten."""

@@ -19,7 +19,7 @@ from typing import IO, Final
 
 from planpipe.agent import server
 from planpipe.agent.config import AgentConfig
-from planpipe.agent.counts import report_counts
+from planpipe.agent.counts import Checkpoint, checkpoints_of, report_checkpoints, report_counts
 from planpipe.agent.handoff import Handoff, Stopped, fault_point
 from planpipe.agent.ledger import OpenSends, Watermarks
 from planpipe.agent.publisher import AgentPublisher, Item
@@ -84,6 +84,9 @@ class Agent:
         self.source: LogSource | None = None
         self.sampler: Sampler | None = None
         self._sends = OpenSends()
+        # Held from routing a batch until its counts are committed: a checkpoint is taken between batches.
+        self._publishing = threading.Lock()
+        self._checkpointed: dict[str, Checkpoint] = {}
         self._skips: set[str] = set()
         self._last_commit: float | None = None
         self._message_timeout_s = int(settings.producer_overrides.get("message.timeout.ms", 300_000)) / 1000
@@ -123,6 +126,7 @@ class Agent:
             self._persist_scan_from()
             self.state.mark_alive()  # before the producer may send (its spool drains at once); then every second
             self.publisher = AgentPublisher(self.settings, cooldown_s=self.config.cooldown_s)
+            self._checkpoint("start")
             self.handoff = Handoff(
                 self.config,
                 self.publisher,
@@ -205,7 +209,8 @@ class Agent:
             self.sampler.close()
         if self.publisher is not None:
             # Unacknowledged records stay in the spool (durable); the cursor already passed them.
-            self.publisher.close(timeout=10.0)
+            report = self.publisher.close(timeout=10.0)
+            self._checkpoint("stop", spooled=report.still_spooled)
         if self.source is not None:
             self.source.close()
         if self.watermarks is not None:
@@ -246,20 +251,21 @@ class Agent:
         publisher = self.publisher
         assert publisher is not None
         assert self.handoff is not None
-        routed = publisher.route(items)
-        with self._sends.open():
-            intent_id = (
-                self.state.open_intent([item.capture_id for item in items], self._scan_from())
-                if advance_cursor
-                else None
+        with self._publishing:
+            routed = publisher.route(items)
+            with self._sends.open():
+                intent_id = (
+                    self.state.open_intent([item.capture_id for item in items], self._scan_from())
+                    if advance_cursor
+                    else None
+                )
+                fault_point("agent_before_handoff")
+                destination = self.handoff.store(routed.records)
+                fault_point("agent_before_commit")
+            cursor = self.source.cursor() if advance_cursor and self.source is not None else None
+            self.state.commit_batch(
+                intent_id=intent_id, cursor=cursor, captured=dict(routed.per_topic), used_skips=used_skips
             )
-            fault_point("agent_before_handoff")
-            destination = self.handoff.store(routed.records)
-            fault_point("agent_before_commit")
-        cursor = self.source.cursor() if advance_cursor and self.source is not None else None
-        self.state.commit_batch(
-            intent_id=intent_id, cursor=cursor, captured=dict(routed.per_topic), used_skips=used_skips
-        )
         self._last_commit = time.time()
         server.LAST_COMMIT.set(self._last_commit)
         server.ENVELOPES.labels(destination=destination).inc(len(routed.records))
@@ -294,7 +300,8 @@ class Agent:
         next_report = 0.0
         while not self.stop.wait(self.config.snapshot_interval_s):
             assert self.watermarks is not None
-            self.watermarks.take()
+            if not self._checkpoint("idle"):  # a checkpoint takes a watermark snapshot too
+                self.watermarks.take()
             self._persist_scan_from()
             if time.monotonic() >= next_report:
                 self._report_counts()
@@ -310,6 +317,36 @@ class Agent:
             logger.warning("capture counts not reported yet: %s", error)
             return
         self.state.mark_reported(rows)
+
+    def _checkpoint(self, kind: str, *, spooled: int | None = None) -> bool:
+        """Counts and end offsets read together between batches (`counts.Checkpoint`); False when not
+        taken: a batch is being handed off, or records are counted but still in the spool or Redis
+        (`spooled`: the spool's depth when the producer is closed already)."""
+        if self.watermarks is None or self.publisher is None or not self._publishing.acquire(blocking=False):
+            return False
+        try:
+            if spooled is None:
+                spooled = self.publisher.producer.stats().spool_depth
+            if spooled or (self.handoff is not None and self.handoff.redis_pending):
+                return False
+            offsets = self.watermarks.take()
+            if offsets is None:
+                return False
+            totals = self.state.totals()
+        finally:
+            self._publishing.release()
+        last = self._checkpointed  # an idle agent on a quiet topic writes nothing new
+        fresh = [
+            c for c in checkpoints_of(kind, offsets, totals)
+            if kind != "idle" or c.topic not in last or replace(last[c.topic], kind=kind) != c
+        ]  # fmt: skip
+        try:
+            report_checkpoints(self.settings.pg_dsn, self.name, fresh)
+        except Exception as error:  # the next idle moment writes a newer one
+            logger.warning("capture checkpoint not written: %s", error)
+            return True
+        self._checkpointed.update({c.topic: c for c in fresh})
+        return True
 
     def _sample_loop(self) -> None:
         assert self.sampler is not None

@@ -25,7 +25,8 @@ def retention_job() -> None:
 
 @dg.asset_check(
     asset=query_plans_topic.key,
-    description="Produced = consumed + Δlag over the last hour (and captured = produced where agents report counts).",
+    description="Produced = consumed + Δlag (and captured = produced where agents write checkpoints) over the "
+    "widest window of the last hour bounded by settled lag samples; records in flight are never judged.",
 )
 def lag_reconciliation(planpipe: PlanpipeResource) -> dg.AssetCheckResult:
     settings = planpipe.settings()

@@ -118,14 +118,17 @@ def test_lag_reconciliation_balances_after_ingest(
         kafka_lag_sensor(context)
 
     tick()
-    publish(settings, make_envelopes(plans, 100, "recon", seed=9))  # produced between the ticks
+    tick()  # nothing moved since the first: a settled bound
+    publish(settings, make_envelopes(plans, 100, "recon", seed=9))  # produced inside the window
     engine = IngestEngine(settings)
     try:
         assert engine.run(until_caught_up=True, max_seconds=120).caught_up
     finally:
         engine.close()
     tick()
+    tick()
     outcome = reconcile(settings.pg_dsn, settings.consumer_group, settings.topic)
+    assert outcome.settled and (outcome.samples, outcome.settled_samples) == (4, 2), outcome.as_dict()
     assert (outcome.produced, outcome.consumed, outcome.lag_delta) == (100, 300, -200)
     assert outcome.consumer_divergence == 0 and outcome.ok
 

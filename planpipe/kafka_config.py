@@ -4,7 +4,8 @@ User passthrough (PLANPIPE_PRODUCER__*, PLANPIPE_CONSUMER__*) wins over the
 runbook's defaults. The size options are the exception: they are derived from
 `PLANPIPE_MAX_PLAN_BYTES` by `SizeLimits` (topics, broker, producer, consumer
 and DLQ all read the same numbers from here) and a passthrough may raise them,
-never lower them below what the limit needs.
+never lower them below what the limit needs. The consumer's fetch sizes are not
+limits (a larger first batch is returned whole) but memory: they stay small.
 """
 
 import logging
@@ -37,6 +38,11 @@ CONSUMER_DEFAULTS: Final[dict[str, str | int | bool]] = {
     "heartbeat.interval.ms": 15_000,
     "max.poll.interval.ms": 300_000,
     "isolation.level": "read_committed",
+    # When the prefetch queue is over its threshold (queued.max.messages.kbytes), librdkafka
+    # postpones the partitions' next fetch by this much (its default: 1,000 ms). A live consumer
+    # that fell a little behind then saw nothing new for a second while records waited in the
+    # broker: +1 s on every record of the burst (bench ingest's latency phase, p50 1,030 ms).
+    "fetch.queue.backoff.ms": 10,
 }
 
 
@@ -60,10 +66,18 @@ BATCH_HEADROOM: Final = 64 * 1024
 # librdkafka's range for message.max.bytes (the largest of the derived values).
 LIBRDKAFKA_MAX_MESSAGE_BYTES: Final = 1_000_000_000
 # Defaults the derived values never go below (librdkafka's and Kafka's own).
-DEFAULT_FETCH_MAX_BYTES: Final = 52_428_800
 DEFAULT_RECEIVE_MESSAGE_MAX_BYTES: Final = 100_000_000
 DEFAULT_SOCKET_REQUEST_MAX_BYTES: Final = 104_857_600
 MIN_PLAN_BYTES: Final = 1024
+# What a consumer asks per fetch, in compressed bytes: per partition, and in all. Not a size
+# limit: the broker returns a first batch larger than either whole (KIP-74), and librdkafka
+# grows its request for it. But memory: a response is decompressed at once, whatever the
+# prefetch queue's bound, and zstd packs plans ~18:1 — the 50 MiB default fetched a whole
+# backlog of 5 KB envelopes (~250 MiB decoded) in one response: the ingest consumer's peak RSS.
+FETCH_PARTITION_BYTES: Final = 1 * MIB
+FETCH_MAX_BYTES: Final = 2 * MIB
+# A consumer's own requests are small; librdkafka wants fetch.max.bytes >= message.max.bytes.
+CONSUMER_REQUEST_MAX_BYTES: Final = 1 * MIB
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +89,8 @@ class SizeLimits:
     * `max_record_bytes`: one record (value + key + headers), producer
       `message.max.bytes`.
     * `max_batch_bytes`: topic `max.message.bytes`, broker `message.max.bytes`
-      and `replica.fetch.max.bytes`, consumer `max.partition.fetch.bytes`.
+      and `replica.fetch.max.bytes`; a consumer's fetch response holds one such
+      batch whole plus `fetch_max_bytes` (`receive.message.max.bytes`).
     """
 
     max_plan_bytes: int
@@ -102,7 +117,7 @@ class SizeLimits:
             )
         # A fetch returns at least one whole batch (KIP-74), so the response may be
         # fetch.max.bytes plus one batch, plus protocol framing.
-        fetch = max(DEFAULT_FETCH_MAX_BYTES, batch)
+        fetch = FETCH_MAX_BYTES
         return cls(
             max_plan_bytes=max_plan_bytes,
             max_envelope_bytes=envelope,
@@ -120,20 +135,16 @@ class SizeLimits:
 
     def consumer_options(self) -> dict[str, int]:
         return {
-            "message.max.bytes": self.max_batch_bytes,
-            "max.partition.fetch.bytes": self.max_batch_bytes,
+            "message.max.bytes": CONSUMER_REQUEST_MAX_BYTES,
+            "max.partition.fetch.bytes": FETCH_PARTITION_BYTES,
             "fetch.max.bytes": self.fetch_max_bytes,
             "receive.message.max.bytes": self.receive_message_max_bytes,
         }
 
     def consumer_floors(self) -> dict[str, int]:
-        """The least a consumer passthrough may set: one whole batch must fit a fetch."""
-        return {
-            "message.max.bytes": self.max_batch_bytes,
-            "max.partition.fetch.bytes": self.max_batch_bytes,
-            "fetch.max.bytes": self.max_batch_bytes,
-            "receive.message.max.bytes": 2 * self.max_batch_bytes + 512,
-        }
+        """The least a consumer passthrough may set: a response holding one whole batch must be
+        received (the fetch sizes may go lower: the broker still returns a first batch whole)."""
+        return {"receive.message.max.bytes": self.max_batch_bytes + self.fetch_max_bytes + 512}
 
     def topic_config(self) -> dict[str, str]:
         return {"max.message.bytes": str(self.max_batch_bytes)}

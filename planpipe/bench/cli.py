@@ -94,6 +94,11 @@ def add_parsers(sub: "argparse._SubParsersAction[Any]") -> None:
     p.add_argument("--scaleout", type=int, default=2, metavar="N",
                    help="consumers in one group for the scale-out phase (default 2; 0 skips it)")  # fmt: skip
     p.add_argument("--keep", action="store_true", help="keep the topics, rows and Parquet files for inspection")
+    p.add_argument("--only", choices=("latency",), default=None,
+                   help="latency: planpipe's backlog run (b) for the rate, then the latency phase; no (a), (c), "
+                        "scale-out")  # fmt: skip
+    p.add_argument("--latency-rate", type=_positive_float, default=None, metavar="EPS",
+                   help="with --only latency: pace at EPS and skip (b) as well")  # fmt: skip
     p.set_defaults(handler=_ingest)
 
 
@@ -106,6 +111,9 @@ def _detect(args: argparse.Namespace, settings: Settings) -> int:
 def _ingest(args: argparse.Namespace, settings: Settings) -> int:
     _require_bench_extra()
     from planpipe.bench.ingest import BenchOptions, format_table, run_benchmark
+
+    if args.latency_rate is not None and args.only != "latency":
+        raise SystemExit("--latency-rate goes with --only latency")
 
     options = BenchOptions(
         messages=args.messages,
@@ -121,6 +129,8 @@ def _ingest(args: argparse.Namespace, settings: Settings) -> int:
         profile_dir=args.profile,
         scaleout=args.scaleout,
         keep=args.keep,
+        only=args.only,
+        latency_rate=args.latency_rate,
     )
     result = run_benchmark(settings, options)
     print(format_table(result))

@@ -156,20 +156,24 @@ def busy_seconds(spans: list[tuple[float, float]]) -> float:
     return busy
 
 
-def record_latencies(parquet_root: Path, batch_log: list[dict[str, Any]], skip_prefix: str) -> list[float]:
-    """publish → commit latency (ms) of every record of the logged batches, warm-up records left out."""
+def record_latencies(
+    parquet_root: Path, batch_log: list[dict[str, Any]], skip_prefix: str
+) -> tuple[list[float], list[float]]:
+    """publish → commit latency (ms) of every record of the logged batches, warm-up records left out;
+    and publish → handed to the engine (its batch started, right after the consume that returned it)."""
     import polars as pl
 
     latencies: list[float] = []
+    waits: list[float] = []
     for batch in batch_log:
         files = [str(parquet_root / name) for name in batch["files"]]
         if not files:
             continue
         frame = pl.read_parquet(files, columns=["published_at", "trace_id"])
         frame = frame.filter(~pl.col("trace_id").str.starts_with(skip_prefix))
-        committed_at = float(batch["committed_at"])
-        latencies += ((committed_at - frame["published_at"]) * 1000).to_list()
-    return sorted(latencies)
+        latencies += ((float(batch["committed_at"]) - frame["published_at"]) * 1000).to_list()
+        waits += ((float(batch["started_at"]) - frame["published_at"]) * 1000).to_list()
+    return sorted(latencies), sorted(waits)
 
 
 def run_latency(
@@ -195,7 +199,7 @@ def run_latency(
     finally:
         worker.kill()
     batch_log = result.pop("batch_log")
-    lat = record_latencies(settings.parquet_dir, batch_log, "warmup")
+    lat, waits = record_latencies(settings.parquet_dir, batch_log, "warmup")
     durations = sorted(float(b["duration_ms"]) for b in batch_log)
     busy_s = busy_seconds([(float(b["started_at"]), float(b["committed_at"])) for b in batch_log])
     window_s = float(result.get("seconds") or 0.0)
@@ -219,6 +223,8 @@ def run_latency(
         "busy_pct": round(100 * busy_s / window_s, 1) if window_s else None,
         "live_capacity_eps": round(sum(b["consumed"] for b in batch_log) / busy_s, 1) if busy_s else None,
     }
+    if waits:
+        out.update(handed_p50_ms=round(_percentile(waits, 0.50), 1), handed_p95_ms=round(_percentile(waits, 0.95), 1))
     if lat:
         out.update(
             p50_ms=round(_percentile(lat, 0.50), 1),
@@ -319,11 +325,14 @@ def run_benchmark(settings: Settings, options: BenchOptions, log: Log = _stderr)
                 f"({min(factory.sizes) / 1024:.1f}–{max(factory.sizes) / 1024:.1f} KB); try --plan-format verbatim "
                 "for bigger envelopes"
             )
-        kafka.ensure_topics(throughput)
         kafka.ensure_topics(live)
-        seconds, value_bytes = publish_backlog(throughput, factory, options.messages)
-        log(f"published {options.messages:,} envelopes ({value_bytes / 2**20:.0f} MiB) in {seconds:.1f}s "
-            f"to {throughput.topic} ({partitions} partitions)")  # fmt: skip
+        if options.latency_rate is not None:
+            seconds, value_bytes = 0.0, factory.expected_mean_bytes * options.messages
+        else:
+            kafka.ensure_topics(throughput)
+            seconds, value_bytes = publish_backlog(throughput, factory, options.messages)
+            log(f"published {options.messages:,} envelopes ({value_bytes / 2**20:.0f} MiB) in {seconds:.1f}s "
+                f"to {throughput.topic} ({partitions} partitions)")  # fmt: skip
         result = BenchResult(
             options=options,
             run_id=run_id,
@@ -332,15 +341,20 @@ def run_benchmark(settings: Settings, options: BenchOptions, log: Log = _stderr)
             query_hashes=len({p.query_hash for p in plans}),
             fingerprints=fingerprints,
             mean_envelope_bytes=value_bytes / options.messages,
-            produce_eps=round(options.messages / seconds, 1),
+            produce_eps=round(options.messages / seconds, 1) if seconds else 0.0,
             load_before=load_before,
             batch_max_messages=throughput.batch_max_messages,
             batch_max_wait_s=throughput.batch_max_wait_s,
         )
         budget = options.worker_timeout_s
-        runs: dict[str, list[dict[str, Any]]] = {"raw": [], "planpipe": [], "reference": []}
+        # --only latency: (b) alone for the rate (none when the paced rate is given), then the latency phase.
+        variants: tuple[str, ...] = ("raw", "planpipe", "reference")
+        if options.only == "latency":
+            variants = () if options.latency_rate is not None else ("planpipe",)
+        runs: dict[str, list[dict[str, Any]]] = {variant: [] for variant in variants}
         for round_ in range(options.repeat):  # interleaved, so a burst of outside load hits all three alike
-            for letter, variant in zip("abc", runs, strict=True):
+            for variant in runs:
+                letter = {"raw": "a", "planpipe": "b", "reference": "c"}[variant]
                 group = f"planpipe-bench-{run_id}-{variant}-{round_}"
                 all_groups.append(group)
                 extra: dict[str, Any] = {"parser": options.reference_parser} if variant == "reference" else {}
@@ -363,7 +377,7 @@ def run_benchmark(settings: Settings, options: BenchOptions, log: Log = _stderr)
             chosen["all_eps"] = [o["eps"] for o in outcomes]
             chosen["peak_rss_mb"] = max(o["peak_rss_mb"] for o in outcomes)
             result.workers[variant] = chosen
-        if options.scaleout > 1:
+        if options.scaleout > 1 and options.only is None:
             group = f"planpipe-bench-{run_id}-scaleout"
             all_groups.append(group)
             log(f"scale-out: {options.scaleout} planpipe consumers in one group, {options.messages:,} envelopes")
@@ -371,12 +385,12 @@ def run_benchmark(settings: Settings, options: BenchOptions, log: Log = _stderr)
             scaled = replace(throughput, data_dir=scratch / "scaleout")
             result.scaleout = run_scaleout(scaled, group, options, log)
             result.cpu["scale-out"] = CpuMeter.delta(before, meter.snapshot())
-        rate = options.latency_fraction * result.workers["planpipe"]["eps"]
+        rate = options.latency_rate or options.latency_fraction * result.workers["planpipe"]["eps"]
         before = meter.snapshot()
         result.latency = run_latency(live, factory, rate, options, log)
         result.cpu["latency"] = CpuMeter.delta(before, meter.snapshot())
         log(f"    p95 publish→commit {result.latency.get('p95_ms')} ms over {result.latency['records']:,} records")
-        if options.profile_dir is not None:
+        if options.profile_dir is not None and options.only is None:
             profile = options.profile_dir / f"planpipe-consumer-{run_id}"
             log(f"profiling planpipe's consumer (pyinstrument) → {profile}.txt/.html")
             spec = worker_spec(

@@ -9,6 +9,7 @@ error (exit code, counter), never a success.
 
 import hashlib
 import json
+import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -17,12 +18,13 @@ import msgspec
 import polars as pl
 import psycopg
 import pytest
+from confluent_kafka import Producer
 from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource  # type: ignore[attr-defined]
 
 from planpipe.dlq import H_FIELD, H_ORIGINAL_SHA256, H_ORIGINAL_SIZE, H_REASON, H_STAGE, H_TRUNCATED
 from planpipe.ingest import parquet_sink
 from planpipe.ingest.engine import IngestEngine
-from planpipe.kafka_config import size_limits
+from planpipe.kafka_config import FETCH_MAX_BYTES, producer_config, size_limits
 from planpipe.plans.fingerprint import fingerprint
 from planpipe.routing.cli import EXIT_UNDELIVERABLE
 from planpipe.routing.metrics import REGISTRY
@@ -228,3 +230,17 @@ def test_ensure_topics_raises_a_smaller_limit_and_keeps_a_larger_one(settings: S
 
     assert max_message_bytes(settings, settings.topic) == needed
     assert max_message_bytes(settings, settings.dlq_topic) == 2 * needed
+
+
+def test_a_record_larger_than_the_consumer_fetch_sizes_arrives_whole(settings: Settings) -> None:
+    # The consumer asks for little per fetch (memory); the broker still returns a larger first
+    # batch whole. Random bytes do not compress: on the wire the batch is ~the record.
+    limits = size_limits(settings)
+    big = os.urandom(limits.max_envelope_bytes)
+    assert len(big) > 8 * FETCH_MAX_BYTES
+    producer = Producer(producer_config(settings))
+    for value in (b"before", big, b"after"):
+        producer.produce(settings.topic, value=value, partition=0)
+    assert producer.flush(30) == 0
+
+    assert [r.value for r in read_all(settings, settings.topic)] == [b"before", big, b"after"]

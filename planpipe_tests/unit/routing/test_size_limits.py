@@ -10,7 +10,8 @@ from confluent_kafka import Consumer, Producer
 from planpipe.contract import EnvelopeDecoder, Reason
 from planpipe.dlq import H_ORIGINAL_SHA256, H_ORIGINAL_SIZE, H_TRUNCATED, fit_value, header_map
 from planpipe.kafka_config import (
-    DEFAULT_FETCH_MAX_BYTES,
+    FETCH_MAX_BYTES,
+    FETCH_PARTITION_BYTES,
     LIBRDKAFKA_MAX_MESSAGE_BYTES,
     SizeLimits,
     consumer_config,
@@ -38,7 +39,8 @@ def test_default_limit_is_derived_with_headroom() -> None:
     # Record: + 64 KiB for key and headers; batch: + 64 KiB framing and compression.
     assert limits.max_record_bytes == 17 * MIB + 64 * 1024
     assert limits.max_batch_bytes == 17 * MIB + 128 * 1024
-    assert limits.fetch_max_bytes == DEFAULT_FETCH_MAX_BYTES  # 50 MiB already holds one batch
+    # Fetches stay small (memory): a larger first batch comes whole, in a response this large.
+    assert limits.fetch_max_bytes == FETCH_MAX_BYTES < limits.max_batch_bytes
     assert limits.receive_message_max_bytes >= limits.fetch_max_bytes + limits.max_batch_bytes + 512
     assert limits.socket_request_max_bytes >= limits.max_batch_bytes + MIB
 
@@ -47,7 +49,6 @@ def test_default_limit_is_derived_with_headroom() -> None:
 def test_every_size_holds_the_one_below_it(plan_bytes: int) -> None:
     limits = SizeLimits.for_plan_bytes(plan_bytes)
     assert plan_bytes < limits.max_envelope_bytes < limits.max_record_bytes < limits.max_batch_bytes
-    assert limits.max_batch_bytes <= limits.fetch_max_bytes
     assert limits.fetch_max_bytes + limits.max_batch_bytes + 512 <= limits.receive_message_max_bytes
     assert limits.max_batch_bytes < limits.socket_request_max_bytes
     assert limits.max_batch_bytes <= LIBRDKAFKA_MAX_MESSAGE_BYTES
@@ -78,10 +79,10 @@ def test_every_client_config_carries_the_limit(tmp_path: Path) -> None:
     producer = producer_config(settings, **{"client.id": "dlq"})
     assert producer["message.max.bytes"] == limits.max_record_bytes
     consumer = consumer_config(settings, "g")
-    assert consumer["max.partition.fetch.bytes"] == limits.max_batch_bytes
+    assert consumer["max.partition.fetch.bytes"] == FETCH_PARTITION_BYTES
     assert consumer["fetch.max.bytes"] == limits.fetch_max_bytes
     assert consumer["receive.message.max.bytes"] == limits.receive_message_max_bytes
-    assert consumer["message.max.bytes"] == limits.max_batch_bytes
+    assert consumer["message.max.bytes"] <= consumer["fetch.max.bytes"]  # librdkafka refuses it otherwise
     # librdkafka accepts the derived values (names and ranges): building the clients validates them.
     Producer(producer).flush(0)
     Consumer(consumer).close()
@@ -111,12 +112,12 @@ def test_passthrough_may_raise_a_size_but_not_lower_it(tmp_path: Path) -> None:
     lowered = settings_with(tmp_path, PLANPIPE_PRODUCER__MESSAGE_MAX_BYTES="1000000")
     with pytest.raises(ValueError, match="PLANPIPE_PRODUCER__MESSAGE_MAX_BYTES=1000000 is below"):
         producer_config(lowered)
-    lowered = settings_with(tmp_path, PLANPIPE_CONSUMER__MAX_PARTITION_FETCH_BYTES="1048576")
-    with pytest.raises(ValueError, match="PLANPIPE_CONSUMER__MAX_PARTITION_FETCH_BYTES=1048576 is below"):
+    lowered = settings_with(tmp_path, PLANPIPE_CONSUMER__RECEIVE_MESSAGE_MAX_BYTES=str(limits.max_batch_bytes))
+    with pytest.raises(ValueError, match="PLANPIPE_CONSUMER__RECEIVE_MESSAGE_MAX_BYTES=17956864 is below"):
         consumer_config(lowered, "g")
-    # Lowering fetch.max.bytes to one batch is allowed (it still returns a whole batch).
-    enough = settings_with(tmp_path, PLANPIPE_CONSUMER__FETCH_MAX_BYTES=str(limits.max_batch_bytes))
-    assert consumer_config(enough, "g")["fetch.max.bytes"] == str(limits.max_batch_bytes)
+    # The fetch sizes are no limit (the broker returns a larger first batch whole): any value goes.
+    small = settings_with(tmp_path, PLANPIPE_CONSUMER__MAX_PARTITION_FETCH_BYTES="65536")
+    assert consumer_config(small, "g")["max.partition.fetch.bytes"] == "65536"
 
 
 def test_router_rejects_an_envelope_over_the_limit_before_decoding() -> None:

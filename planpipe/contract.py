@@ -164,13 +164,9 @@ class EnvelopeDecoder:
                     "plan_text",
                     f"{plan_bytes} bytes > limit {self.max_plan_bytes}",
                 )
-        data = raw if isinstance(raw, bytes) else bytes(raw)
-        _reject_duplicate_keys(data)
-        # JSON strings cannot hold a raw U+0000 (msgspec refuses it): a NUL in a field, or a
-        # `\\u0000` escape in the plan JSON, needs the escape text in the payload.
-        if b"\\u0000" in data:
-            _reject_nul_characters(envelope)
-        if not envelope.plan_text.strip():
+        _reject_duplicate_keys(raw)
+        _reject_nul_characters(envelope)
+        if not envelope.plan_text or envelope.plan_text.isspace():  # blank (`strip()` would copy it)
             raise ContractViolation(Reason.OUT_OF_RANGE, "plan_text", "plan_text is empty")
         if not (math.isfinite(envelope.total_time_ms) and math.isfinite(envelope.execution_timestamp)):
             raise ContractViolation(Reason.OUT_OF_RANGE, "total_time_ms", "non-finite number")
@@ -225,11 +221,14 @@ def _reject_duplicate_keys(raw: bytes | bytearray | memoryview) -> None:
 
 
 def _reject_nul_characters(envelope: Envelope) -> None:
+    # Searching one character is a memchr; the payload's bytes hold backslashes everywhere (every
+    # quote of the plan JSON is escaped) and a search there for `\\u0000` cost ~2.4 us per 5 KB.
     for name in _TEXT_FIELDS:
         value = getattr(envelope, name)
         if value is not None and "\x00" in value:
             raise ContractViolation(Reason.NUL_CHARACTER, name, f"`{name}` contains U+0000")
-    if "\\u0000" in envelope.plan_text and _PLAN_NUL_ESCAPE.search(envelope.plan_text):
+    plan = envelope.plan_text
+    if "\\" in plan and "\\u0000" in plan and _PLAN_NUL_ESCAPE.search(plan):
         raise ContractViolation(Reason.NUL_CHARACTER, "plan_text", "plan JSON contains a \\u0000 escape")
 
 

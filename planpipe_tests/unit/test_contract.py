@@ -308,7 +308,7 @@ def test_valid_envelopes_round_trip(envelope: Envelope) -> None:
 # -- NUL characters: PostgreSQL text/jsonb cannot hold them, so they stop at the edge ------------
 
 
-@pytest.mark.parametrize("field", ["query_hash", "cluster_id", "query_text", "query_type", "trace_id"])
+@pytest.mark.parametrize("field", ["query_hash", "cluster_id", "plan_text", "query_text", "query_type", "trace_id"])
 def test_a_nul_character_in_any_text_field_is_rejected_with_its_own_reason(field: str) -> None:
     nul: dict[str, Any] = {field: "a\u0000b"}
     result = outcome(payload(**nul))

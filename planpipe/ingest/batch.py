@@ -104,20 +104,26 @@ def prepare_batch(
     samples: dict[str, str] = {}
     dropped_low = 0
     known = known_fingerprints if known_fingerprints is not None else set()
+    # Keys repeat ("{priority}:{query_hash}"): each distinct key is parsed once per batch.
+    priorities: dict[bytes, str] = {}
     for record in records:
         topic, partition, offset = record.topic() or "", record.partition() or 0, record.offset() or 0
         span = ranges.get((topic, partition))
         if span is None:
             ranges[(topic, partition)] = OffsetRange(topic, partition, offset, offset)
-        else:
-            span.last = max(span.last, offset)
-            span.first = min(span.first, offset)
+        elif offset > span.last:
+            span.last = offset
+        elif offset < span.first:
+            span.first = offset
         raw = record.value()
         key = record.key()
         priority = "standard"
         try:
             if key:
-                priority = parse_message_key(key)[0]
+                known_priority = priorities.get(key)
+                if known_priority is None:
+                    known_priority = priorities[key] = parse_message_key(key)[0]
+                priority = known_priority
             envelope = decoder.decode(raw)
             plan_fingerprint, work = fingerprint_and_work(envelope.plan_text)
         except ContractViolation as violation:

@@ -75,18 +75,23 @@ def test_prepare_batch_splits_valid_rejects_and_low_priority() -> None:
         Record(_envelope(), 13, key=b"low:q"),
         Record(_envelope(total_time_ms=6000.0), 14, key=b"critical:q"),
         Record(_envelope(), 15, key=b"no-colon"),
+        # Repeated keys (parsed once per batch, a bad one rejected each time), offsets out of order.
+        Record(_envelope(), 16, key=b"low:q"),
+        Record(_envelope(total_time_ms=6000.0), 8),
+        Record(_envelope(), 9, key=b"no-colon"),
     ]
     batch = prepare_batch(records, EnvelopeDecoder(), RoutingConfig(), drop_low_priority=True)
-    assert batch.consumed == 6
-    assert batch.observations.kafka_offset == [10, 14]
-    assert batch.observations.route == ["baseline", "critical"]
-    assert batch.observations.trace_id == ["t-header", "t-header"]
-    assert batch.observations.published_at == [1_790_000_000.0, 1_790_000_000.0]
+    assert batch.consumed == 9
+    assert batch.observations.kafka_offset == [10, 14, 8]
+    assert batch.observations.route == ["baseline", "critical", "critical"]
+    assert batch.observations.priority == ["standard", "critical", "standard"]
+    assert batch.observations.trace_id == ["t-header"] * 3
+    assert batch.observations.published_at == [1_790_000_000.0] * 3
     assert [(d.reason.value, d.source_offset) for d in batch.dead_letters] == [
-        ("malformed_json", 11), ("plan_unparseable", 12), ("wrong_type", 15)]  # fmt: skip
-    assert batch.dropped_low == 1
+        ("malformed_json", 11), ("plan_unparseable", 12), ("wrong_type", 15), ("wrong_type", 9)]  # fmt: skip
+    assert batch.dropped_low == 2
     span = batch.offset_ranges[("query-plans", 3)]
-    assert (span.first, span.last) == (10, 15)
+    assert (span.first, span.last) == (8, 16)
     assert len(batch.new_plan_samples) == 1
 
 

@@ -33,6 +33,7 @@ import psycopg
 
 from planpipe.ingest import parquet_sink
 from planpipe.ingest.parquet_sink import PARTITION_COLUMNS, SCHEMA, DataFile
+from planpipe.plans.plan_key import fill_plan_keys
 
 logger = logging.getLogger("planpipe.compaction")
 
@@ -118,9 +119,13 @@ def merge(run: Sequence[DataFile]) -> tuple[Path, int]:
         missing_columns="insert",
         extra_columns="ignore",
     )
+    frame = fill_plan_keys(frame)  # files written before the plan key existed
     frame.sink_parquet(staging, compression="zstd", compression_level=COMPACT_ZSTD_LEVEL, statistics=True)
     rows = pl.scan_parquet(staging).select(pl.len()).collect().item()
-    expected = pl.scan_parquet([str(f.path) for f in run], hive_partitioning=False).select(pl.len()).collect().item()
+    sources = pl.scan_parquet(
+        [str(f.path) for f in run], hive_partitioning=False, missing_columns="insert", extra_columns="ignore"
+    )  # their columns may differ: files written before a column existed
+    expected = sources.select(pl.len()).collect().item()
     if rows != expected:
         staging.unlink(missing_ok=True)
         raise RuntimeError(f"compaction of {target.name}: wrote {rows} rows of {expected}; sources kept")

@@ -19,6 +19,7 @@ from typing import Final
 import polars as pl
 
 from planpipe.ingest.batch import Observations
+from planpipe.plans.plan_key import PLAN_KEY, plan_keys
 
 SCHEMA: Final[dict[str, pl.DataType | type[pl.DataType]]] = {
     "query_hash": pl.String,
@@ -43,6 +44,8 @@ SCHEMA: Final[dict[str, pl.DataType | type[pl.DataType]]] = {
     "temp_blocks": pl.Int64,
     "top_rows": pl.Float64,
     "top_loops": pl.Int64,
+    # Stable 64-bit key of (cluster_id, query_hash, fingerprint): detection groups by it (planpipe.plans.plan_key).
+    PLAN_KEY: pl.UInt64,
 }
 # zstd level of the files the ingest writes: fast on the hot path; compaction rewrites them
 # into large files at COMPACT_ZSTD_LEVEL (planpipe.ingest.compaction).
@@ -135,11 +138,10 @@ def _frame(columns: dict[str, list[object]], ingested_at: datetime) -> pl.DataFr
     """The file's columns in SCHEMA order; route and date are the directory's, not stored."""
     # ingested_at is one value broadcast by polars: a list of datetimes cost ~5 µs per record to convert.
     stored = {name: values for name, values in columns.items() if name not in PARTITION_COLUMNS}
-    return (
-        pl.DataFrame(stored, schema={name: SCHEMA[name] for name in stored})
-        .with_columns(pl.lit(ingested_at, dtype=SCHEMA["ingested_at"]).alias("ingested_at"))
-        .select([name for name in SCHEMA if name not in PARTITION_COLUMNS])
-    )
+    frame = pl.DataFrame(stored, schema={name: SCHEMA[name] for name in stored})
+    return frame.with_columns(
+        pl.lit(ingested_at, dtype=SCHEMA["ingested_at"]).alias("ingested_at"), plan_keys(frame)
+    ).select([name for name in SCHEMA if name not in PARTITION_COLUMNS])
 
 
 def check_writable(observations: Observations) -> None:

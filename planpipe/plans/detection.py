@@ -47,6 +47,7 @@ from typing import Any, Final
 import polars as pl
 
 from planpipe.plans.judging import Recent, environment, judge, raw_executions, recent_executions
+from planpipe.plans.plan_key import PLAN_COLUMNS, PLAN_KEY, fill_plan_keys
 from planpipe.plans.scan import (
     LOW_BITS,
     OBSERVATION_COLUMNS,
@@ -56,11 +57,13 @@ from planpipe.plans.scan import (
     bucket_of,
     epoch,
     group_key,
+    group_keys_of,
     query_key,
     when,
 )
 from planpipe.plans.screening import comparisons
 from planpipe.plans.settling import Baselines, SettledBaseline, baseline_frame, settle
+from planpipe.plans.stats import preload
 from planpipe.plans.verdicts import SEVERITY_ORDER, ClusterSlowdown, DetectionConfig, Verdict
 from planpipe.plans.work import WORK_COLUMNS
 
@@ -146,13 +149,16 @@ def find_regressions(
     for column in WORK_COLUMNS:  # in-memory frames without work: unknown work
         if column not in names:
             scoped = scoped.with_columns(pl.lit(None, OBSERVATION_COLUMNS[column]).alias(column))
+    scoped = fill_plan_keys(scoped)  # rows written before the ingest wrote the key
 
     with pl.Config(streaming_chunk_size=_STREAMING_CHUNK_ROWS):
-        # Pass 1: the plan groups, with their size and time span.
+        # Pass 1: the plan groups, with their size and time span. Every pass groups by the integer
+        # plan key; the three strings are read here only, and kept once per plan.
         groups = (
-            scoped.group_by("cluster_id", "query_hash", "fingerprint")
-            .agg(pl.len().alias("n"), ts.min().alias("first"), ts.max().alias("last"))
+            scoped.group_by(PLAN_KEY)
+            .agg(pl.len().alias("n"), ts.min().alias("first"), ts.max().alias("last"), pl.col(*PLAN_COLUMNS).first())
             .collect(engine="streaming")
+            .drop_nulls(PLAN_KEY)  # rows without cluster, query or fingerprint belong to no plan
             .with_columns(query_key().alias("qk"), group_key().alias("gk"))
         )
         if groups.height == 0:
@@ -174,6 +180,7 @@ def find_regressions(
             .select((pl.col("key") // LOW_BITS).alias("gk"), (pl.col("key") % LOW_BITS).alias("slot"), "n", "s")
             .sort("gk", "slot")
         )
+        preload()  # the exact stage's libraries load while settling, screening and the raw pass run
         log.info(
             "detection: %d plans, %d histogram cells, %d time slots after %.1fs",
             groups.height,
@@ -196,8 +203,7 @@ def find_regressions(
                 watched,
             ]
         ).unique()
-        queries = groups.join(wanted.to_frame("gk"), on="gk", how="semi").get_column("query_hash")
-        raw = raw_executions(scoped, wanted, queries)
+        raw = raw_executions(scoped, wanted)
 
     hypotheses = int(flips.get_column("enough").sum()) + int(series.get_column("enough").sum())
     verdicts = judge(
@@ -260,5 +266,6 @@ def _watched_keys(groups: pl.DataFrame, watch: Iterable[tuple[str, str, str]]) -
             "fingerprint": [k[2] for k in wanted],
         },
         schema={"cluster_id": pl.String, "query_hash": pl.String, "fingerprint": pl.String},
-    ).select(group_key().alias("gk"))
+    )
+    frame = frame.select(group_keys_of(frame).alias("gk"))
     return frame.join(groups.select("gk"), on="gk", how="semi").get_column("gk")

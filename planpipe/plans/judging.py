@@ -38,16 +38,13 @@ class Recent:
     total_ms: npt.NDArray[np.float64]
 
 
-def raw_executions(scoped: pl.LazyFrame, wanted: pl.Series, queries: pl.Series) -> dict[int, pl.DataFrame]:
-    """The executions of the wanted plans (of `queries`, their query hashes), in time order,
-    with their work per execution. The query filter comes first: a string lookup per row is
-    cheaper than hashing three strings, and only the wanted queries' rows are hashed."""
+def raw_executions(scoped: pl.LazyFrame, wanted: pl.Series) -> dict[int, pl.DataFrame]:
+    """The executions of the wanted plans (plan groups), in time order, with their work per execution."""
     if wanted.len() == 0:
         return {}
     shared, temp = pl.col("shared_blocks"), pl.col("temp_blocks")
     frame = (
-        scoped.filter(pl.col("query_hash").is_in(queries.unique().implode()))
-        .with_columns(group_key().alias("gk"))
+        scoped.with_columns(group_key().alias("gk"))
         .filter(pl.col("gk").is_in(wanted.implode()))
         .select(
             "gk",

@@ -11,6 +11,7 @@ import polars as pl
 
 from planpipe.ingest.parquet_sink import live_files
 from planpipe.plans import latency
+from planpipe.plans.plan_key import PLAN_KEY, plan_keys
 
 __all__ = [
     "LOW_BITS",
@@ -21,6 +22,7 @@ __all__ = [
     "bucket_of",
     "epoch",
     "group_key",
+    "group_keys_of",
     "query_key",
     "scan_observations",
     "when",
@@ -36,11 +38,12 @@ OBSERVATION_COLUMNS: Final[dict[str, pl.DataType | type[pl.DataType]]] = {
     "temp_blocks": pl.Int64,
     "top_rows": pl.Float64,
     "top_loops": pl.Int64,
+    PLAN_KEY: pl.UInt64,
 }
 
-# Streaming group-by keys pack (plan group hash, low bits) into one UInt64: a single integer
-# key keeps the hash tables several times smaller than string or multi-column keys. The group
-# hash keeps its top 53 bits; a collision between two plans is detected and never merges verdicts.
+# Streaming group-by keys pack (plan group, low bits) into one UInt64: a single integer key keeps
+# the hash tables several times smaller than string or multi-column keys. The group is the plan
+# key's top 53 bits; a collision between two plans is detected and never merges verdicts.
 LOW_BITS: Final = 2048
 RECENT_BIT: Final = 1024  # histogram keys: 1 bit for "new side" + 10 bits for the bucket
 SLOTS: Final = 64  # time slots per plan over [first execution, now] (screening and settling)
@@ -50,7 +53,8 @@ assert latency.BUCKETS <= RECENT_BIT
 def scan_observations(root: Path) -> pl.LazyFrame | None:
     """The observations dataset reduced to the columns detection reads (never plan_text);
     None while the dataset holds no file yet. Files written before the work columns
-    existed read as null work; files that compaction already merged into another are
+    existed read as null work, before the plan key as a null key (detection fills it:
+    `plan_key.fill_plan_keys`); files that compaction already merged into another are
     skipped (`parquet_sink.live_files`), so no execution counts twice."""
     files = live_files(root) if root.exists() else []
     if not files:
@@ -70,7 +74,13 @@ def query_key() -> pl.Expr:
 
 
 def group_key() -> pl.Expr:
-    return pl.struct("cluster_id", "query_hash", "fingerprint").hash() // LOW_BITS
+    """The plan group of each row: from the `plan_key` column."""
+    return pl.col(PLAN_KEY) // LOW_BITS
+
+
+def group_keys_of(plans: pl.DataFrame) -> pl.Series:
+    """The plan group of each row of a frame of cluster_id, query_hash and fingerprint."""
+    return plan_keys(plans) // LOW_BITS
 
 
 def bucket_of() -> pl.Expr:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import polars as pl
 
-from planpipe.plans.scan import Scope, group_key, query_key
+from planpipe.plans.scan import Scope, group_keys_of, query_key
 from planpipe.plans.verdicts import DetectionConfig
 
 __all__ = ["Baselines", "SettledBaseline", "baseline_frame", "settle"]
@@ -34,7 +34,7 @@ def baseline_frame(baselines: Baselines, auto_accepted: Iterable[tuple[str, str]
     flags = [(c, q) in auto for c, q in frame.select("cluster_id", "query_hash").rows()] if auto else None
     return frame.select(
         query_key().alias("qk"),
-        group_key().alias("accepted_gk"),
+        group_keys_of(frame).alias("accepted_gk"),
         pl.Series("auto", flags if flags is not None else [False] * frame.height, dtype=pl.Boolean),
     )
 

@@ -7,7 +7,9 @@ linear-kernel cost) for change points. What is written here is the glue: which s
 which penalty, which side of a change is "before".
 """
 
+import importlib
 import math
+import threading
 from dataclasses import dataclass
 from typing import Final
 
@@ -25,8 +27,23 @@ __all__ = [
     "benjamini_hochberg",
     "find_change",
     "mann_whitney_u",
+    "preload",
     "ratio",
 ]
+
+
+def preload() -> threading.Thread:
+    """Import scipy.stats and ruptures in a background thread (~0.6 s, mostly scipy.stats): started
+    once the streaming passes are done, the import overlaps the polars work that follows them
+    (which releases the GIL) instead of adding to the exact stage. A later import waits for it."""
+    thread = threading.Thread(
+        target=lambda: [importlib.import_module(m) for m in ("scipy.stats", "ruptures")],
+        name="planpipe-preload-stats",
+        daemon=True,
+    )
+    thread.start()
+    return thread
+
 
 # Binary segmentation on at most this many points: longer series are averaged in blocks
 # of consecutive executions first (a shift in level survives block means, noise shrinks).

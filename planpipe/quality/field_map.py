@@ -193,6 +193,7 @@ FIELD_MAP: Final[tuple[FieldMapping, ...]] = (
     FieldMapping(None, None, "temp_blocks", pl.Int64, note="top node's temp read + written blocks"),
     FieldMapping(None, None, "top_rows", pl.Float64, note="top node's actual rows"),
     FieldMapping(None, None, "top_loops", pl.Int64, note="top node's actual loops"),
+    FieldMapping(None, None, "plan_key", pl.UInt64, note="64-bit key of cluster_id, query_hash, fingerprint"),
 )
 
 # Columns of the planpipe tables that no observation field feeds.

@@ -73,7 +73,7 @@ def gx_type_name(dtype: DType) -> str:
     """The `type_` that ExpectColumnValuesToBeOfType checks for a column of polars `dtype`.
 
     Frames reach GX as pandas with nullable dtypes (see `_to_pandas`), whose
-    scalar types are exact: Int64 → numpy int64, Int32 → int32, Float64 →
+    scalar types are exact: Int64 → numpy int64, Int32 → int32, UInt64 → uint64, Float64 →
     float64, String → str, Datetime with a time zone → pandas Timestamp.
     """
     if dtype == pl.String:
@@ -84,6 +84,8 @@ def gx_type_name(dtype: DType) -> str:
         return "int64"
     if dtype == pl.Int32:
         return "int32"
+    if dtype == pl.UInt64:
+        return "uint64"
     if isinstance(dtype, pl.Datetime) and dtype.time_zone is not None:
         return "Timestamp"
     raise ValueError(f"no GX type mapping for polars dtype {dtype}")

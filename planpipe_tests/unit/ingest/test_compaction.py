@@ -7,6 +7,7 @@ import polars as pl
 
 from planpipe.ingest import compaction, parquet_sink
 from planpipe.ingest.batch import Observations
+from planpipe.plans.plan_key import PLAN_KEY, plan_key
 
 TOPIC = "query-plans"
 
@@ -82,3 +83,14 @@ def test_abandoned_staging_files_are_removed(tmp_path: Path) -> None:
     compaction.compact(tmp_path, {})
     assert not old.exists() and young.exists()
     assert compaction.small_file_counts(tmp_path) == {str(directory.relative_to(tmp_path)): 1}
+
+
+def test_files_written_before_the_plan_key_get_it_when_merged(tmp_path: Path) -> None:
+    _write_batches(tmp_path, 0, 4)
+    for path in sorted(tmp_path.rglob("*.parquet"))[:2]:  # as written before the column existed
+        pl.read_parquet(path).drop(PLAN_KEY).write_parquet(path)
+    compaction.compact(tmp_path, {(TOPIC, 0): 40}, min_files=2)
+    (merged,) = tmp_path.rglob("*.parquet")
+    frame = pl.read_parquet(merged)
+    assert frame["kafka_offset"].to_list() == list(range(40))
+    assert frame[PLAN_KEY].to_list() == [plan_key("c", "q", "f")] * 40

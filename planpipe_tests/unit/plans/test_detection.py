@@ -8,6 +8,7 @@ import polars as pl
 import pytest
 
 from planpipe.plans.detection import find_regressions
+from planpipe.plans.plan_key import PLAN_KEY, plan_keys
 from planpipe.plans.scan import scan_observations
 from planpipe.plans.stats import SampleStats, mann_whitney_u
 from planpipe.plans.verdicts import Comparison, DetectionConfig, Verdict, classify
@@ -215,14 +216,17 @@ def test_screening_never_drops_a_finding(seed: int) -> None:
 
 
 def write_dataset(frame: pl.DataFrame, root: Path) -> None:
+    """Laid out as the ingest writes it; the files of every other date have no plan_key column,
+    as files written before it existed."""
     dated = frame.with_columns(
         pl.from_epoch("execution_timestamp", time_unit="s").dt.date().cast(pl.String).alias("date"),
         pl.lit("x" * 50).alias("plan_text"),  # present in real files, never read
     )
-    for (date,), part in dated.group_by(["date"]):
+    for i, ((date,), part) in enumerate(sorted(dated.group_by(["date"]), key=lambda g: str(g[0][0]))):
         directory = root / "route=baseline" / f"date={date}"
         directory.mkdir(parents=True, exist_ok=True)
-        part.drop("date").write_parquet(directory / "t+0+00000000000000000000-00000000000000000001.parquet")
+        stored = part.drop("date").with_columns(plan_keys(part)) if i % 2 else part.drop("date")
+        stored.write_parquet(directory / "t+0+00000000000000000000-00000000000000000001.parquet")
 
 
 def test_parquet_dataset_gives_the_same_verdicts(
@@ -235,6 +239,9 @@ def test_parquet_dataset_gives_the_same_verdicts(
     scanned = scan_observations(tmp_path)
     assert scanned is not None
     assert "plan_text" not in scanned.collect_schema().names()
+    key = pl.col(PLAN_KEY)
+    with_and_without = scanned.select(key.is_null().any().alias("without"), key.is_not_null().any().alias("with"))
+    assert with_and_without.collect().row(0) == (True, True)  # detection fills the key in where it is missing
     in_memory = find_regressions(frame.lazy(), baselines, DetectionConfig(), now=NOW)
     from_files = find_regressions(scanned, baselines, DetectionConfig(), now=NOW)
     assert keys(from_files.verdicts) == keys(in_memory.verdicts) != set()

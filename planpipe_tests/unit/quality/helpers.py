@@ -7,6 +7,7 @@ import polars as pl
 
 from planpipe.ingest import parquet_sink
 from planpipe.ingest.batch import Observations
+from planpipe.plans.plan_key import PLAN_KEY, plan_keys
 
 ROWS = 60
 
@@ -38,7 +39,9 @@ def observations(n: int = ROWS) -> Observations:
 
 def clean_frame(n: int = ROWS) -> pl.DataFrame:
     stamp = datetime(2026, 9, 21, 12, 0, tzinfo=UTC)
-    return pl.DataFrame({**observations(n).columns(), "ingested_at": [stamp] * n}, schema=parquet_sink.SCHEMA)
+    schema = {name: dtype for name, dtype in parquet_sink.SCHEMA.items() if name != PLAN_KEY}
+    frame = pl.DataFrame({**observations(n).columns(), "ingested_at": [stamp] * n}, schema=schema)
+    return frame.with_columns(plan_keys(frame)).select(list(parquet_sink.SCHEMA))
 
 
 def set_row(frame: pl.DataFrame, column: str, row: int, value: object) -> pl.DataFrame:

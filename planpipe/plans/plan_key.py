@@ -41,8 +41,9 @@ def fill_plan_keys(frame: pl.LazyFrame) -> pl.LazyFrame:
     it (files written before the column existed, frames built in memory) get it from one pass that
     lists their distinct plans — Parquet row groups without a null key are skipped on their
     statistics, so this costs next to nothing once every file has the key — hashed once each and
-    looked up per row by polars' hash of the three strings (by the strings themselves in the
-    unlikely case that two of these plans share that hash)."""
+    joined back on polars' hash of the three strings (on the strings themselves in the unlikely
+    case that two of these plans share that hash). A streaming join: `replace_strict` with the
+    7,500 plans of the 10 M bench held 1 GB."""
     columns = frame.collect_schema().names()
     if PLAN_KEY not in columns:
         frame, columns = frame.with_columns(pl.lit(None, pl.UInt64).alias(PLAN_KEY)), [*columns, PLAN_KEY]
@@ -50,12 +51,11 @@ def fill_plan_keys(frame: pl.LazyFrame) -> pl.LazyFrame:
     plans = frame.filter(key.is_null()).select(PLAN_COLUMNS).unique().drop_nulls().collect(engine="streaming")
     if plans.height == 0:
         return frame
-    keys = plan_keys(plans)
-    row_hash = pl.struct(*PLAN_COLUMNS).hash()
-    hashes = plans.select(row_hash).to_series()
-    if hashes.is_unique().all():
-        looked_up = row_hash.replace_strict(hashes, keys, default=None, return_dtype=pl.UInt64)
-        return frame.with_columns(pl.coalesce(key, looked_up).alias(PLAN_KEY))
-    by_name = plans.with_columns(keys.alias("_filled")).lazy()
-    joined = frame.join(by_name, on=list(PLAN_COLUMNS), how="left", maintain_order="left")
+    keys = plan_keys(plans).alias("_filled")
+    row_hash = pl.struct(*PLAN_COLUMNS).hash().alias("_plan_hash")
+    by_hash = plans.select(row_hash, keys)
+    if by_hash.get_column("_plan_hash").is_unique().all():  # a join on one integer column
+        joined = frame.with_columns(row_hash).join(by_hash.lazy(), on="_plan_hash", how="left", maintain_order="left")
+    else:
+        joined = frame.join(plans.with_columns(keys).lazy(), on=list(PLAN_COLUMNS), how="left", maintain_order="left")
     return joined.with_columns(pl.coalesce(key, pl.col("_filled")).alias(PLAN_KEY)).select(columns)

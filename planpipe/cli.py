@@ -124,14 +124,17 @@ def _dev(args: argparse.Namespace, settings: Settings) -> int:
     from planpipe.demo import supervise
     from planpipe.demo.agent import start_demo_agent
     from planpipe.demo.cli import dagster_environment, run_traffic_in_background
+    from planpipe.demo.codeserver import start_code_server
     from planpipe.demo.traffic import DEMO_CLUSTER
 
     with supervise.interrupt_on_termination():
         report = stack.up(settings)
-        print(f"stack up in {report.seconds}s; Dagster UI on http://{args.host}:{args.port}", flush=True)
+        code_server = start_code_server(settings, dagster_environment(settings), settings.home / "dev-code-server.log")
+        print(f"stack up in {report.seconds}s; Dagster UI on http://{args.host}:{args.port} "
+              f"(code server log: {code_server.log})", flush=True)  # fmt: skip
         dagster = shutil.which("dagster", path=os.path.dirname(sys.executable)) or "dagster"
         process = subprocess.Popen(
-            [dagster, "dev", "-w", str(REPO_ROOT / "workspace.yaml"), "-h", args.host, "-p", str(args.port)],
+            [dagster, "dev", "-w", str(code_server.workspace), "-h", args.host, "-p", str(args.port)],
             env=dagster_environment(settings),
             cwd=REPO_ROOT,
             start_new_session=True,
@@ -157,7 +160,7 @@ def _dev(args: argparse.Namespace, settings: Settings) -> int:
                     traffic[1].set()
                 if agent is not None:
                     agent.request_stop()  # it stops while Dagster does
-                stopped = supervise.stop(process, instance=instance)
+                stopped = supervise.stop([process, code_server.process], instance=instance)
                 if agent is not None:
                     agent.stop(timeout_s=max(0.5, 14.0 - stopped.seconds))
                 if traffic is not None:

@@ -48,10 +48,10 @@ def _venv_tool(name: str) -> str:
     return shutil.which(name, path=os.path.dirname(sys.executable)) or name
 
 
-def start_daemon(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
+def start_daemon(settings: Settings, log: Path, workspace: Path) -> subprocess.Popen[bytes]:
     handle = log.open("ab")
     return subprocess.Popen(
-        [_venv_tool("dagster-daemon"), "run", "-w", str(REPO_ROOT / "workspace.yaml")],
+        [_venv_tool("dagster-daemon"), "run", "-w", str(workspace)],
         env=dagster_environment(settings),
         cwd=REPO_ROOT,
         stdout=handle,
@@ -166,16 +166,18 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
     from planpipe import stack
     from planpipe.demo import supervise
     from planpipe.demo.agent import start_demo_agent
+    from planpipe.demo.codeserver import start_code_server
     from planpipe.demo.traffic import DEMO_CLUSTER, run_traffic
     from planpipe.ingest.lag import LagUnavailable, group_lag
 
     stack.up(settings)
     since = datetime.now(UTC)
+    code_server = start_code_server(settings, dagster_environment(settings), settings.home / "demo-code-server.log")
     agent = start_demo_agent(settings, DEMO_CLUSTER, settings.home / "demo-agent.log")
-    daemon = start_daemon(settings, settings.home / "demo-daemon.log")
+    daemon = start_daemon(settings, settings.home / "demo-daemon.log", code_server.workspace)
     print(f"planpipe agent for {DEMO_CLUSTER} tails {agent.log.directory} (log: {agent.output}); dagster-daemon "
-          f"started (log: {settings.home / 'demo-daemon.log'}); traffic for {args.duration:.0f}s",
-          file=sys.stderr)  # fmt: skip
+          f"started (log: {settings.home / 'demo-daemon.log'}, code server: {code_server.log}); "
+          f"traffic for {args.duration:.0f}s", file=sys.stderr)  # fmt: skip
     instance = supervise.open_instance(settings)
     stopped = None
     traffic = None
@@ -208,7 +210,7 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
         with supervise.shielded():
             # The agent first (it flushes and reports its counts), then runs (they end CANCELED), then the daemon.
             agent_exit = agent.stop()
-            stopped = supervise.stop(daemon, instance=instance, first_signal=signal.SIGTERM)
+            stopped = supervise.stop([daemon, code_server.process], instance=instance, first_signal=signal.SIGTERM)
             instance.dispose()
     runs = _runs_since(settings, since)
     by_job: Counter[str] = Counter(f"{run.job_name}:{run.status.value}" for run in runs)

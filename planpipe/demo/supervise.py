@@ -13,7 +13,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -130,7 +130,7 @@ def _alive(processes: dict[int, psutil.Process]) -> list[psutil.Process]:
 
 
 def stop(
-    process: subprocess.Popen[bytes],
+    process: subprocess.Popen[bytes] | Sequence[subprocess.Popen[bytes]],
     *,
     instance: "dg.DagsterInstance | None" = None,
     first_signal: int = signal.SIGINT,
@@ -138,31 +138,35 @@ def stop(
     term_s: float = 2.5,
 ) -> StopReport:
     """Stop the runs of `instance` and the process tree of `process` (the leader of its own
-    process group: started with start_new_session=True), all within `budget_s`.
+    process group: started with start_new_session=True; or several such leaders, e.g. the
+    daemon and the code server that runs the runs), all within `budget_s`.
 
     Runs are asked to stop first (CANCELING, so an interrupted run ends CANCELED), then the
     whole group gets `first_signal` (what a terminal's Ctrl-C does to a foreground job)."""
     started = time.monotonic()
     deadline = started + budget_s
     report = StopReport()
-    known = {p.pid: p for p in _tree(process.pid)}
+    leaders = [process] if isinstance(process, subprocess.Popen) else list(process)
+    known = {p.pid: p for leader in leaders for p in _tree(leader.pid)}
     if instance is not None:
         try:
             ask_runs_to_stop(instance, report)
         except Exception as error:
             logger.warning("could not reach the Dagster instance to stop runs: %s", error)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(process.pid, first_signal)
+    for leader in leaders:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(leader.pid, first_signal)
     # Wait for the tree to exit; keep collecting descendants (a parent that exits re-parents its
     # children out of the tree) and keep stopping runs the daemon launched meanwhile.
     escalate_at = deadline - term_s
     while time.monotonic() < escalate_at:
-        for child in _tree(process.pid):
+        for child in (c for leader in leaders for c in _tree(leader.pid)):
             known.setdefault(child.pid, child)
         if instance is not None:
             with contextlib.suppress(Exception):
                 ask_runs_to_stop(instance, report)
-        process.poll()
+        for leader in leaders:
+            leader.poll()
         if not _alive(known):
             break
         time.sleep(0.2)
@@ -170,8 +174,9 @@ def stop(
     left = _alive(known)
     if left:
         report.escalated_to_sigterm = len(left)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(process.pid, signal.SIGTERM)
+        for leader in leaders:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(leader.pid, signal.SIGTERM)
         for child in left:
             with contextlib.suppress(psutil.NoSuchProcess):
                 child.terminate()
@@ -183,8 +188,9 @@ def stop(
             with contextlib.suppress(psutil.NoSuchProcess):
                 child.kill()
         psutil.wait_procs(left, timeout=2)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        process.wait(timeout=1)
+    for leader in leaders:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            leader.wait(timeout=1)
     if instance is not None:
         with contextlib.suppress(Exception):
             # Whatever is still unfinished lost its processes with the stop: it was canceled.

@@ -27,6 +27,8 @@ def _demo_executions(settings: Settings) -> int:
 
 def test_planpipe_demo_runs_the_whole_loop(stack_settings: Settings) -> None:
     executions_before = _demo_executions(stack_settings)
+    logs = [stack_settings.home / "demo-daemon.log", stack_settings.home / "demo-code-server.log"]
+    offsets = {log: log.stat().st_size if log.exists() else 0 for log in logs}
     env = dict(os.environ, PLANPIPE_INGEST_MAX_SECONDS="60")
     completed = subprocess.run(
         [sys.executable, "-m", "planpipe.cli", "demo", "--duration", "50", "--interval", "2", "--settle", "240"],
@@ -61,3 +63,9 @@ def test_planpipe_demo_runs_the_whole_loop(stack_settings: Settings) -> None:
     assert summary["ingested"] >= summary["published"]  # plus the replayed envelopes
     # the daemon's whole tree stopped by itself or on the first signal: no escalation needed
     assert summary["stop"]["escalated_to_sigkill"] == 0, summary["stop"]
+    # One code server serves the whole demo: the daemon does not replace one of its own every minute,
+    # each replaced one logging "No heartbeat received in 20 seconds, shutting down".
+    for log, offset in offsets.items():
+        with log.open("rb") as handle:
+            handle.seek(offset)
+            assert b"No heartbeat received" not in handle.read(), log

@@ -160,7 +160,7 @@ def _dev(args: argparse.Namespace, settings: Settings) -> int:
                     traffic[1].set()
                 if agent is not None:
                     agent.request_stop()  # it stops while Dagster does
-                stopped = supervise.stop([process, code_server.process], instance=instance)
+                stopped = supervise.stop(process, code_server=code_server.process, instance=instance)
                 if agent is not None:
                     agent.stop(timeout_s=max(0.5, 14.0 - stopped.seconds))
                 if traffic is not None:

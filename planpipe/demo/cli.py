@@ -210,7 +210,9 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
         with supervise.shielded():
             # The agent first (it flushes and reports its counts), then runs (they end CANCELED), then the daemon.
             agent_exit = agent.stop()
-            stopped = supervise.stop([daemon, code_server.process], instance=instance, first_signal=signal.SIGTERM)
+            stopped = supervise.stop(
+                daemon, code_server=code_server.process, instance=instance, first_signal=signal.SIGTERM
+            )
             instance.dispose()
     runs = _runs_since(settings, since)
     by_job: Counter[str] = Counter(f"{run.job_name}:{run.status.value}" for run in runs)

@@ -13,7 +13,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -130,41 +130,48 @@ def _alive(processes: dict[int, psutil.Process]) -> list[psutil.Process]:
 
 
 def stop(
-    process: subprocess.Popen[bytes] | Sequence[subprocess.Popen[bytes]],
+    process: subprocess.Popen[bytes],
     *,
+    code_server: subprocess.Popen[bytes] | None = None,
     instance: "dg.DagsterInstance | None" = None,
     first_signal: int = signal.SIGINT,
     budget_s: float = 13.0,
     term_s: float = 2.5,
 ) -> StopReport:
     """Stop the runs of `instance` and the process tree of `process` (the leader of its own
-    process group: started with start_new_session=True; or several such leaders, e.g. the
-    daemon and the code server that runs the runs), all within `budget_s`.
+    process group: started with start_new_session=True), all within `budget_s`.
 
     Runs are asked to stop first (CANCELING, so an interrupted run ends CANCELED), then the
-    whole group gets `first_signal` (what a terminal's Ctrl-C does to a foreground job)."""
+    whole group gets `first_signal` (what a terminal's Ctrl-C does to a foreground job).
+    `code_server`, the leader of the group that runs the runs, gets it only once no run is in
+    flight: a signal to its group reaches the runs' step processes, which would end FAILURE."""
     started = time.monotonic()
     deadline = started + budget_s
     report = StopReport()
-    leaders = [process] if isinstance(process, subprocess.Popen) else list(process)
+    leaders = [process] if code_server is None else [process, code_server]
     known = {p.pid: p for leader in leaders for p in _tree(leader.pid)}
+    serving_signaled = code_server is None
     if instance is not None:
         try:
             ask_runs_to_stop(instance, report)
         except Exception as error:
             logger.warning("could not reach the Dagster instance to stop runs: %s", error)
-    for leader in leaders:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(leader.pid, first_signal)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, first_signal)
     # Wait for the tree to exit; keep collecting descendants (a parent that exits re-parents its
     # children out of the tree) and keep stopping runs the daemon launched meanwhile.
     escalate_at = deadline - term_s
     while time.monotonic() < escalate_at:
         for child in (c for leader in leaders for c in _tree(leader.pid)):
             known.setdefault(child.pid, child)
+        runs_left = True
         if instance is not None:
             with contextlib.suppress(Exception):
-                ask_runs_to_stop(instance, report)
+                runs_left = bool(ask_runs_to_stop(instance, report))
+        if code_server is not None and not serving_signaled and (instance is None or not runs_left):
+            serving_signaled = True
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(code_server.pid, first_signal)
         for leader in leaders:
             leader.poll()
         if not _alive(known):

@@ -249,7 +249,9 @@ def test_buffer_error_diverts_the_rest_of_the_batch(unit_settings: Settings, fak
         assert producer.flush(5) == 0
         stats = producer.stats()
     assert fakes[0].values() == nums(0, 15)
-    assert stats.sent_direct == 4 and stats.spooled >= 6
+    # 0-3 direct, 4-9 spooled; 10-14 go behind them into the spool, or direct if the drain thread
+    # had already emptied it (on a loaded machine it may not have): the order holds either way.
+    assert stats.spooled >= 6 and stats.sent_direct in (4, 9), stats
 
 
 def test_undeliverable_record_goes_to_the_hook_not_the_spool(unit_settings: Settings, fakes: list[FakeKafka]) -> None:

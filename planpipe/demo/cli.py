@@ -26,6 +26,8 @@ AGENT_CATCH_UP_S = 60.0
 # Demo traffic starts once the standing ingest run consumes (the daemon's first sensor tick and a run's
 # start-up take ~30 s): records published before would wait for it and read as an SLA breach.
 CONSUMER_WAIT_S = 120.0
+# How long the demo waits after the traffic for a settled lag sample (two quiet sensor ticks).
+SETTLED_AFTER_S = 60.0
 
 
 def add_parsers(sub: "argparse._SubParsersAction[Any]") -> None:
@@ -128,15 +130,29 @@ def _findings(conn: psycopg.Connection[tuple[object, ...]], since: datetime) -> 
     return [dict(zip(keys, row, strict=True)) for row in rows]
 
 
-def _evaluate_sla_checks(instance: "dg.DagsterInstance") -> None:
-    try:
-        from planpipe.defs.definitions import defs
+def _evaluate_checks(instance: "dg.DagsterInstance") -> None:
+    for job in ("sla_check_job", "lag_reconciliation_job"):
+        try:
+            from planpipe.defs.definitions import defs
 
-        result = defs.resolve_job_def("sla_check_job").execute_in_process(instance=instance, raise_on_error=False)
-    except Exception as error:  # the summary still reports whatever else ran
-        print(f"planpipe demo: final SLA check run failed to start: {error}", file=sys.stderr)
-        return
-    print(f"planpipe demo: final SLA check run {result.run_id}: success={result.success}", file=sys.stderr)
+            result = defs.resolve_job_def(job).execute_in_process(instance=instance, raise_on_error=False)
+        except Exception as error:  # the summary still reports whatever else ran
+            print(f"planpipe demo: final {job} run failed to start: {error}", file=sys.stderr)
+            continue
+        print(f"planpipe demo: final {job} run {result.run_id}: success={result.success}", file=sys.stderr)
+
+
+def _wait_settled_since(settings: Settings, since: datetime, timeout_s: float) -> None:
+    """Until a lag sample taken after `since` is settled: the reconciled window then ends after the traffic."""
+    from planpipe.ingest.reconcile import latest_settled
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        latest = latest_settled(settings.pg_dsn, settings.consumer_group, settings.topic)
+        if latest is not None and latest > since:
+            return
+        time.sleep(5)
+    print(f"planpipe demo: no settled lag sample after the traffic within {timeout_s:.0f} s", file=sys.stderr)
 
 
 def _regression_materializations(settings: Settings, since: datetime) -> list[dict[str, object]]:
@@ -187,6 +203,7 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
             traffic = run_traffic(
                 settings, duration_s=args.duration, interval_s=args.interval, wait_for_consumer_s=CONSUMER_WAIT_S
             )
+            traffic_ended = datetime.now(UTC)
             agent.wait_caught_up(AGENT_CATCH_UP_S)
             deadline = time.monotonic() + args.settle
             # Let the sensors see the last traffic and the runs they launch finish. Ingest runs are
@@ -201,9 +218,11 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
                 if runs and others_done and drained and dlq_done:
                     break
                 time.sleep(5)
-            # The SLA checks run every 5 minutes and at the end of each ingest run; a short demo may
-            # see neither, so it evaluates them once over what it ingested (a run in the UI like any other).
-            _evaluate_sla_checks(instance)
+            # The SLA checks run every 5 minutes and at the end of each ingest run, lag reconciliation
+            # hourly; a short demo may see none, so it evaluates them once over what it ingested (a run in
+            # the UI like any other), reconciliation once a sample after the traffic has settled.
+            _wait_settled_since(settings, traffic_ended, SETTLED_AFTER_S)
+            _evaluate_checks(instance)
     except KeyboardInterrupt:
         print("planpipe demo: interrupted, stopping runs and the daemon", file=sys.stderr)
     finally:
@@ -229,6 +248,9 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
     except LagUnavailable as error:
         final_lag = f"unavailable: {error}"
     captured = agent.as_dict(agent_exit)
+    from planpipe.ingest.reconcile import reconcile
+
+    reconciliation = reconcile(settings.pg_dsn, settings.consumer_group, settings.topic).as_dict()
     summary = {
         "duration_s": args.duration,
         "traffic": traffic.as_dict() if traffic is not None else None,
@@ -249,6 +271,8 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
         "checks_passed": checks["passed"],
         "checks_failed": checks["failed"],
         "checks_by_name": {k: v for k, v in sorted(checks.items()) if ":" in k},
+        # lag_reconciliation's window (settled lag samples) and counts, as the check judged them.
+        "reconciliation": reconciliation,
         "stop": stopped.as_dict() if stopped is not None else None,
         # names kept for existing readers
         "envelopes_ingested": ingested,

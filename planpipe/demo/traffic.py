@@ -21,6 +21,7 @@ import psycopg
 from planpipe.contract import Envelope, encode_envelope
 from planpipe.demo.agent import enable_auto_explain
 from planpipe.ingest.lag import LagUnavailable, group_assignments
+from planpipe.ingest.reconcile import latest_settled
 from planpipe.routing.publish import PlanPublisher, Source
 from planpipe.settings import Settings, _with_database
 
@@ -30,6 +31,7 @@ DEMO_DATABASE = "demo_target"
 DEMO_CLUSTER = "demo-cluster"
 LEGACY_CLUSTER = "demo-legacy-agent"  # the old agent whose envelopes the DLQ corrects or parks
 REPEAT = 3  # each statement runs this often per cycle
+SETTLED_SAMPLE_WAIT_S = 60.0  # two quiet lag-sensor ticks, on a loaded machine
 INDEX_DDL = "CREATE INDEX IF NOT EXISTS accounts_bid_idx ON demo.accounts (bid)"
 
 SETUP = [
@@ -105,6 +107,21 @@ def wait_for_consumer(settings: Settings, timeout_s: float, stop: threading.Even
     return False
 
 
+def wait_for_settled_sample(settings: Settings, timeout_s: float, stop: threading.Event) -> bool:
+    """Until the lag sensor has a settled sample of the topic (nothing moved until its next tick):
+    `lag_reconciliation`'s window can then start before the traffic and judge all of it."""
+    deadline = time.monotonic() + timeout_s
+    while not stop.is_set() and time.monotonic() < deadline:
+        try:
+            if latest_settled(settings.pg_dsn, settings.consumer_group, settings.topic) is not None:
+                return True
+        except psycopg.Error as error:
+            logger.debug("demo: no settled lag sample yet: %s", error)
+        stop.wait(2.0)
+    logger.warning("demo: no settled lag sample after %.0f s; lag_reconciliation judges from a later one", timeout_s)
+    return False
+
+
 _LEGACY_PLAN = '[{"Plan": {"Node Type": "Result", "Actual Rows": 1, "Actual Loops": 1}, "Execution Time": 0.01}]'
 
 
@@ -132,12 +149,14 @@ def run_traffic(
     wait_for_consumer_s: float = 0.0,
 ) -> TrafficSummary:
     """Run the workload (the agent captures it) until `duration_s` passes or `stop` is set; first
-    wait up to `wait_for_consumer_s` for an ingest consumer, so the SLA measures a running pipeline."""
+    wait up to `wait_for_consumer_s` for an ingest consumer, so the SLA measures a running pipeline,
+    and for a settled lag sample (the start of the reconciled window)."""
     stop = stop or threading.Event()
     rng = random.Random(seed)
     dsn = prepare_demo_database(settings)
     if wait_for_consumer_s > 0:
         wait_for_consumer(settings, wait_for_consumer_s, stop)
+        wait_for_settled_sample(settings, SETTLED_SAMPLE_WAIT_S, stop)
     summary = TrafficSummary()
     publisher = PlanPublisher(settings)
     deadline = None if duration_s is None else time.monotonic() + duration_s

@@ -26,7 +26,7 @@ offsets. A window whose bounds are not settled yet is judged at a later run.
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import cast
+from typing import Any, cast
 
 import psycopg
 
@@ -159,42 +159,68 @@ def record_lag_sample(dsn: str, group: str, topic: str, lags: list[PartitionLag]
         )
 
 
+@dataclass(frozen=True)
+class Bounds:
+    """The look-back's samples and, for each settled one (by index), every agent's checkpoint there."""
+
+    samples: list[Sample]
+    settled: dict[int, list[AgentCheckpoint]]
+    agents: int  # agents whose checkpoints count in the look-back
+
+    def latest(self) -> datetime | None:
+        return self.samples[max(self.settled)].at if self.settled else None
+
+
+def settled_bounds(
+    conn: psycopg.Connection[tuple[Any, ...]], group: str, topic: str, lookback: timedelta,
+    grace: timedelta = SETTLE_GRACE,
+) -> Bounds:  # fmt: skip
+    rows = conn.execute(
+        """SELECT sampled_at, array_agg(high_watermark ORDER BY partition),
+                  array_agg(committed ORDER BY partition), sum(lag)
+           FROM planpipe.lag_samples
+           WHERE consumer_group = %s AND topic = %s AND sampled_at > now() - %s
+           GROUP BY sampled_at ORDER BY sampled_at""",
+        (group, topic, lookback),
+    ).fetchall()
+    samples = [Sample(at, tuple(high), tuple(committed), int(lag)) for at, high, committed, lag in rows]
+    if len(samples) < 2:
+        return Bounds(samples, {}, 0)
+    replays = [
+        row[0]
+        for row in conn.execute(
+            """SELECT recorded_at FROM planpipe.replay_transactions
+               WHERE target_topic = %s AND recorded_at > %s AND recorded_at <= %s""",
+            (topic, samples[0].at - grace, samples[-1].at),
+        )
+    ]
+    quiet = [
+        i
+        for i in quiet_after(samples, replays, grace)
+        if samples[i].lag == 0 or not _batch_between(conn, group, samples[i].at - grace, samples[i + 1].at)
+    ]
+    agents = _checkpoints(conn, topic, since=samples[0].at - grace)
+    settled: dict[int, list[AgentCheckpoint]] = {}
+    for i in quiet:
+        found = [count_at(of_agent, samples[i].high) for of_agent in agents.values()]
+        if all(c is not None for c in found):
+            settled[i] = cast(list[AgentCheckpoint], found)
+    return Bounds(samples, settled, len(agents))
+
+
+def latest_settled(dsn: str, group: str, topic: str, window_hours: float = 1.0) -> datetime | None:
+    """When the latest settled sample of the look-back was taken (a window can end there)."""
+    with psycopg.connect(dsn, connect_timeout=5) as conn:
+        return settled_bounds(conn, group, topic, timedelta(hours=window_hours)).latest()
+
+
 def reconcile(
     dsn: str, group: str, topic: str, window_hours: float = 1.0, grace: timedelta = SETTLE_GRACE
 ) -> Reconciliation:
     """Reconcile the widest window between settled samples of the last `window_hours`."""
-    lookback = timedelta(hours=window_hours)
     with psycopg.connect(dsn) as conn:
-        rows = conn.execute(
-            """SELECT sampled_at, array_agg(high_watermark ORDER BY partition),
-                      array_agg(committed ORDER BY partition), sum(lag)
-               FROM planpipe.lag_samples
-               WHERE consumer_group = %s AND topic = %s AND sampled_at > now() - %s
-               GROUP BY sampled_at ORDER BY sampled_at""",
-            (group, topic, lookback),
-        ).fetchall()
-        samples = [Sample(at, tuple(high), tuple(committed), int(lag)) for at, high, committed, lag in rows]
-        if len(samples) < 2:
-            return Reconciliation(None, None, 0, 0, 0, None, samples=len(samples))
-        replays = [
-            row[0]
-            for row in conn.execute(
-                """SELECT recorded_at FROM planpipe.replay_transactions
-                   WHERE target_topic = %s AND recorded_at > %s AND recorded_at <= %s""",
-                (topic, samples[0].at - grace, samples[-1].at),
-            )
-        ]
-        bounds = [
-            i
-            for i in quiet_after(samples, replays, grace)
-            if samples[i].lag == 0 or not _batch_between(conn, group, samples[i].at - grace, samples[i + 1].at)
-        ]
-        agents = _checkpoints(conn, topic, since=samples[0].at - grace)
-        counts: dict[int, list[AgentCheckpoint]] = {}
-        for i in bounds:
-            found = [count_at(of_agent, samples[i].high) for of_agent in agents.values()]
-            if all(c is not None for c in found):
-                counts[i] = cast(list[AgentCheckpoint], found)
+        bounds = settled_bounds(conn, group, topic, timedelta(hours=window_hours), grace)
+        samples, counts = bounds.samples, bounds.settled
         usable = sorted(counts)
         if len(usable) < 2:
             return Reconciliation(None, None, 0, 0, 0, None, samples=len(samples), settled_samples=len(usable))
@@ -214,7 +240,7 @@ def reconcile(
     consumed = int(cast(tuple[int], consumed_row)[0])
     unseen, replayed = (int(v) for v in cast(tuple[int, int], unseen_row))
     at_start, at_end = counts[usable[0]], counts[usable[-1]]
-    captured = sum(c.captured for c in at_end) - sum(c.captured for c in at_start) if agents else None
+    captured = sum(c.captured for c in at_end) - sum(c.captured for c in at_start) if bounds.agents else None
     dropped = sum(c.dropped for c in at_end) - sum(c.dropped for c in at_start)
     return Reconciliation(
         first.at, last.at, sum(last.high) - sum(first.high), consumed, last.lag - first.lag, captured,

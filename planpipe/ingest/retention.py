@@ -16,6 +16,8 @@ import psycopg
 
 from planpipe.messaging.routes import RETENTION_DAYS
 
+CHECKPOINT_DAYS = 7  # capture agents' checkpoints (lag reconciliation), each agent's latest kept
+
 
 @dataclass(frozen=True)
 class RetentionReport:
@@ -60,4 +62,11 @@ def apply_retention(root: Path, dsn: str, now: datetime | None = None) -> Retent
         ).rowcount
         # Sampled traces feed a one-hour check; a week keeps them for incident reconstruction.
         conn.execute("DELETE FROM planpipe.trace_samples WHERE committed_at < %s", (moment - timedelta(days=7),))
+        # Reconciliation looks back an hour; an agent's latest checkpoint still holds while it idles.
+        conn.execute(
+            """DELETE FROM planpipe.capture_checkpoints c WHERE taken_at < %s AND taken_at < (
+                   SELECT max(taken_at) FROM planpipe.capture_checkpoints l
+                   WHERE l.agent = c.agent AND l.topic = c.topic)""",
+            (moment - timedelta(days=CHECKPOINT_DAYS),),
+        )
     return RetentionReport([str(p.relative_to(root)) for p in removed], rollups, batches)

@@ -33,6 +33,7 @@ from planpipe.contract import Envelope
 from planpipe.ingest.parquet_sink import PARTITION_COLUMNS, SCHEMA
 from planpipe.quality.drift_report import DriftFinding, DriftReport, Kind
 from planpipe.quality.field_map import (
+    ADDED_LATER_COLUMNS,
     FIELD_MAP,
     PG_SCHEMA,
     TRACKED_TABLES,
@@ -231,6 +232,7 @@ def compare_parquet_files(
     schema: Mapping[str, DType] = SCHEMA,
     required_columns: Collection[str] = REQUIRED_COLUMNS,
     partition_columns: Collection[str] = PARTITION_COLUMNS,
+    added_later: Collection[str] = ADDED_LATER_COLUMNS,
 ) -> list[DriftFinding]:
     """Validate each file against the declared schema with GX; one finding per (column, kind)."""
     stored = {c: t for c, t in schema.items() if c not in partition_columns}
@@ -244,10 +246,26 @@ def compare_parquet_files(
     for path in files:
         frame = pl.read_parquet(path)
         on_disk = dict(frame.schema)
+        predates = _written_before(path, set(on_disk), files, added_later)
         for outcome in run_suite(frame, name, build):
             for finding in _file_findings(outcome, path, stored, on_disk):
+                if finding.kind == "missing" and finding.column in predates:
+                    continue
                 found.setdefault((finding.column, finding.kind), finding)
     return list(found.values())
+
+
+def _written_before(path: Path, columns: set[str], files: Sequence[Path], added_later: Collection[str]) -> set[str]:
+    """Columns a later version added that `path` lacks while a newer checked file has them: the
+    file was written before the upgrade (readers fill these in), not by a writer that drifted.
+    With no newer file to tell, a missing column stays drift."""
+    lacking = [c for c in added_later if c not in columns]
+    if not lacking:
+        return set()
+    written = path.stat().st_mtime
+    newer = [other for other in files if other != path and other.stat().st_mtime > written]
+    newer_columns = set().union(*(pl.read_parquet_schema(other) for other in newer)) if newer else set()
+    return {c for c in lacking if c in newer_columns}
 
 
 def _file_expectations(stored: Mapping[str, DType], required: Sequence[str]) -> list[Any]:

@@ -62,6 +62,9 @@ class FieldMapping:
     postgres: tuple[PgColumn, ...] = ()
     filled_at_ingest: bool = False
     note: str = ""
+    # A column a later planpipe version added: files written before it lack it and readers fill
+    # it in (null work: unknown; the plan key computed from the row). Not drift in such files.
+    added_later: bool = False
 
 
 TEXT, F8, I4, I8, NUM, JSONB, TSTZ = (
@@ -189,12 +192,17 @@ FIELD_MAP: Final[tuple[FieldMapping, ...]] = (
     ),
     FieldMapping(None, None, "ingested_at", pl.Datetime("us", "UTC")),
     # The plan's work, read from plan_text (planpipe.plans.work); null when the plan lacks BUFFERS/ANALYZE.
-    FieldMapping(None, None, "shared_blocks", pl.Int64, note="top node's shared hit + read blocks"),
-    FieldMapping(None, None, "temp_blocks", pl.Int64, note="top node's temp read + written blocks"),
-    FieldMapping(None, None, "top_rows", pl.Float64, note="top node's actual rows"),
-    FieldMapping(None, None, "top_loops", pl.Int64, note="top node's actual loops"),
-    FieldMapping(None, None, "plan_key", pl.UInt64, note="64-bit key of cluster_id, query_hash, fingerprint"),
+    FieldMapping(None, None, "shared_blocks", pl.Int64, note="top node's shared hit + read blocks", added_later=True),
+    FieldMapping(None, None, "temp_blocks", pl.Int64, note="top node's temp read + written blocks", added_later=True),
+    FieldMapping(None, None, "top_rows", pl.Float64, note="top node's actual rows", added_later=True),
+    FieldMapping(None, None, "top_loops", pl.Int64, note="top node's actual loops", added_later=True),
+    FieldMapping(
+        None, None, "plan_key", pl.UInt64, note="64-bit key of cluster_id, query_hash, fingerprint", added_later=True
+    ),
 )
+
+# Parquet columns that files written by an earlier version may lack.
+ADDED_LATER_COLUMNS: Final = frozenset(m.parquet for m in FIELD_MAP if m.added_later and m.parquet)
 
 # Columns of the planpipe tables that no observation field feeds.
 POSTGRES_OWN: Final[tuple[PgColumn, ...]] = (

@@ -231,3 +231,25 @@ def test_report_markdown_and_metadata() -> None:
     assert meta["findings"] == [finding.to_plain()]
     clean = DriftReport((), 12, 17, (), "planpipe", 54, 1.0)
     assert clean.ok and "Schema drift: none" in clean.to_markdown()
+
+
+def test_a_file_written_before_a_column_was_added_is_not_drift_once_a_newer_file_has_it(tmp_path: Path) -> None:
+    """An upgrade added `plan_key`: the newest file of a quiet route still predates it (readers fill
+    the key in), which the newer file of another route shows; a writer that drops it is drift."""
+    import os
+
+    files = write_dataset(tmp_path)
+    old = next(p for p in files if "route=baseline" in str(p))
+    pl.read_parquet(old).drop("plan_key").write_parquet(old)
+    os.utime(old, (1_000_000_000, 1_000_000_000))
+    assert compare_parquet_files(files) == []
+
+    os.utime(old, None)  # now the newest file lacks it: the writer drifted
+    for other in files:
+        if other != old:
+            os.utime(other, (1_000_000_000, 1_000_000_000))
+    assert kinds(compare_parquet_files(files)) == {("parquet_schema", "parquet_files", "plan_key", "missing")}
+    # A column that no version added later is drift whatever the files' ages.
+    pl.read_parquet(old).drop("trace_id").write_parquet(old)
+    os.utime(old, (1_000_000_000, 1_000_000_000))
+    assert ("parquet_schema", "parquet_files", "trace_id", "missing") in kinds(compare_parquet_files(files))

@@ -118,6 +118,17 @@ def _tree(pid: int) -> list[psutil.Process]:
         return []
 
 
+def _run_processes(code_server_pid: int) -> list[psutil.Process]:
+    """The runs' processes under a code server: below its own two (the proxy and the server it
+    starts). Judged by processes, not by run statuses: the instance may hold runs of earlier
+    sessions that never ended and never will."""
+    try:
+        servers = psutil.Process(code_server_pid).children()
+        return [p for server in servers for p in server.children(recursive=True) if p.is_running()]
+    except psutil.NoSuchProcess:
+        return []
+
+
 def _alive(processes: dict[int, psutil.Process]) -> list[psutil.Process]:
     alive = []
     for process in processes.values():
@@ -143,8 +154,9 @@ def stop(
 
     Runs are asked to stop first (CANCELING, so an interrupted run ends CANCELED), then the
     whole group gets `first_signal` (what a terminal's Ctrl-C does to a foreground job).
-    `code_server`, the leader of the group that runs the runs, gets it only once no run is in
-    flight: a signal to its group reaches the runs' step processes, which would end FAILURE."""
+    `code_server`, the leader of the group that runs the runs, gets it only once no run process
+    is left under it: a signal to its group reaches the runs' step processes, which would end
+    FAILURE."""
     started = time.monotonic()
     deadline = started + budget_s
     report = StopReport()
@@ -164,11 +176,10 @@ def stop(
     while time.monotonic() < escalate_at:
         for child in (c for leader in leaders for c in _tree(leader.pid)):
             known.setdefault(child.pid, child)
-        runs_left = True
         if instance is not None:
             with contextlib.suppress(Exception):
-                runs_left = bool(ask_runs_to_stop(instance, report))
-        if code_server is not None and not serving_signaled and (instance is None or not runs_left):
+                ask_runs_to_stop(instance, report)
+        if code_server is not None and not serving_signaled and not _run_processes(code_server.pid):
             serving_signaled = True
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(code_server.pid, first_signal)

@@ -86,6 +86,8 @@ class BatchReport:
     lock_wait_ms: float
     duration_ms: float
     parquet_files: list[str]
+    # The latency breaker's state the batch was decoded under (open: its `low` records were shed).
+    # The next batch may already be decoded before this one's latency reaches the breaker.
     breaker_open: bool
     sink_rejected: int = 0
     started_at: float = 0.0  # wall clock: the batch's decode began
@@ -365,15 +367,16 @@ class IngestEngine(ConsumerLoop):
     # -- one batch: decoded here, written on the writer's thread, finished here -------------
     def _prepare(self, records: list[Message], positions: dict[int, int]) -> WrittenBatch:
         started = time.time()
+        shed_low = self.breaker.is_open
         batch = prepare_batch(
             records,
             self.decoder,
             self.routing,
-            drop_low_priority=self.breaker.is_open,
+            drop_low_priority=shed_low,
             known_fingerprints=self._known_fingerprints,
         )
         fault_point("after_decode")
-        return WrittenBatch(records, batch, positions, started, time.time())
+        return WrittenBatch(records, batch, positions, started, time.time(), shed_low)
 
     def _settle(self, summary: RunSummary, unwritten: Sequence[Sequence[KafkaRecord]] = ()) -> bool:
         """Finish the batch being written, if any: Kafka commit, metrics, report. False when it
@@ -456,7 +459,7 @@ class IngestEngine(ConsumerLoop):
             lock_wait_ms=result.lock_wait_ms,
             duration_ms=(result.committed_at - written.started) * 1000,
             parquet_files=[str(w.path.relative_to(self.parquet_root)) for w in written.files],
-            breaker_open=self.breaker.is_open,
+            breaker_open=written.shed_low,
             sink_rejected=sum(1 for d in batch.dead_letters if d.reason == Reason.SINK_REJECTED),
             started_at=written.started,
             committed_at=result.committed_at,

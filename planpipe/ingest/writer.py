@@ -36,6 +36,7 @@ class WrittenBatch:
     positions: dict[int, int]  # consumer positions right after the consume, for the Kafka commit
     started: float  # the batch's decode began
     decoded: float
+    shed_low: bool  # decoded with the latency breaker open: `low` records were dropped
     result: baseline_sink.CommitResult | None = None
     files: list[parquet_sink.WrittenFile] = field(default_factory=list)
     new_plans: sinks.NewPlans = field(default_factory=dict)

@@ -97,7 +97,6 @@ class _Batches:
     """What the ingest runs committed, gathered from every run's on_batch (any thread)."""
 
     lock: threading.Lock = field(default_factory=threading.Lock)
-    open_after: dict[int, bool] = field(default_factory=dict)  # run → breaker state after its last batch
     batches: int = 0
     breaker_open_batches: int = 0
     dropped_low: int = 0
@@ -106,8 +105,7 @@ class _Batches:
 
     def record(self, run: int, report: BatchReport) -> None:
         with self.lock:
-            was_open = self.open_after.get(run, False)  # what the batch was prepared under
-            self.open_after[run] = report.breaker_open
+            was_open = report.breaker_open  # what the batch was prepared under
             self.batches += 1
             self.breaker_open_batches += int(was_open)
             self.dropped_low += report.dropped_low

@@ -118,17 +118,6 @@ def _tree(pid: int) -> list[psutil.Process]:
         return []
 
 
-def _run_processes(code_server_pid: int) -> list[psutil.Process]:
-    """The runs' processes under a code server: below its own two (the proxy and the server it
-    starts). Judged by processes, not by run statuses: the instance may hold runs of earlier
-    sessions that never ended and never will."""
-    try:
-        servers = psutil.Process(code_server_pid).children()
-        return [p for server in servers for p in server.children(recursive=True) if p.is_running()]
-    except psutil.NoSuchProcess:
-        return []
-
-
 def _alive(processes: dict[int, psutil.Process]) -> list[psutil.Process]:
     alive = []
     for process in processes.values():
@@ -154,15 +143,14 @@ def stop(
 
     Runs are asked to stop first (CANCELING, so an interrupted run ends CANCELED), then the
     whole group gets `first_signal` (what a terminal's Ctrl-C does to a foreground job).
-    `code_server`, the leader of the group that runs the runs, gets it only once no run process
-    is left under it: a signal to its group reaches the runs' step processes, which would end
-    FAILURE."""
+    `code_server`, the process that runs the runs, gets it too, but not its group: a signal to
+    the group reaches the runs' step processes, which would end FAILURE; the runs finish on the
+    stop request while the server shuts down (it takes ~2 s)."""
     started = time.monotonic()
     deadline = started + budget_s
     report = StopReport()
     leaders = [process] if code_server is None else [process, code_server]
     known = {p.pid: p for leader in leaders for p in _tree(leader.pid)}
-    serving_signaled = code_server is None
     if instance is not None:
         try:
             ask_runs_to_stop(instance, report)
@@ -170,6 +158,9 @@ def stop(
             logger.warning("could not reach the Dagster instance to stop runs: %s", error)
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(process.pid, first_signal)
+    if code_server is not None:  # its own process only: the server shuts down, the runs finish
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(code_server.pid, first_signal)
     # Wait for the tree to exit; keep collecting descendants (a parent that exits re-parents its
     # children out of the tree) and keep stopping runs the daemon launched meanwhile.
     escalate_at = deadline - term_s
@@ -179,10 +170,6 @@ def stop(
         if instance is not None:
             with contextlib.suppress(Exception):
                 ask_runs_to_stop(instance, report)
-        if code_server is not None and not serving_signaled and not _run_processes(code_server.pid):
-            serving_signaled = True
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(code_server.pid, first_signal)
         for leader in leaders:
             leader.poll()
         if not _alive(known):

@@ -103,7 +103,7 @@ class _Batches:
     drops_while_closed: int = 0  # low dropped by a batch prepared with the breaker closed: a defect
     max_p95_ms: float = 0.0
 
-    def record(self, run: int, report: BatchReport) -> None:
+    def record(self, report: BatchReport) -> None:
         with self.lock:
             was_open = report.breaker_open  # what the batch was prepared under
             self.batches += 1
@@ -217,7 +217,7 @@ class Loadtest:
         try:
             engine = IngestEngine(
                 self.settings, max_messages=self.config.batch_max_messages, client_id=f"loadtest-ingest-{number}",
-                on_batch=lambda report: self._batches.record(number, report),
+                on_batch=self._batches.record,
             )  # fmt: skip
             engine.breaker = LatencyBreaker(window_s=self.config.breaker_window_s)
             with self._lock:

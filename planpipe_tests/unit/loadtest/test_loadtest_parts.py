@@ -48,7 +48,7 @@ def _report(dropped_low: int, breaker_open: bool) -> BatchReport:
 def test_low_drops_count_as_defects_unless_the_batch_was_prepared_with_the_breaker_open() -> None:
     batches = _Batches()
     # A report's breaker_open is the state its batch was decoded under.
-    batches.record(0, _report(0, breaker_open=False))  # decoded while closed, dropped nothing
-    batches.record(0, _report(3, breaker_open=True))  # decoded while open: a legitimate drop
-    batches.record(1, _report(2, breaker_open=False))  # dropped with the breaker closed: a defect
+    batches.record(_report(0, breaker_open=False))  # decoded while closed, dropped nothing
+    batches.record(_report(3, breaker_open=True))  # decoded while open: a legitimate drop
+    batches.record(_report(2, breaker_open=False))  # dropped with the breaker closed: a defect
     assert (batches.dropped_low, batches.drops_while_closed, batches.breaker_open_batches) == (5, 2, 1)

@@ -63,7 +63,6 @@ from planpipe.plans.scan import (
 )
 from planpipe.plans.screening import comparisons
 from planpipe.plans.settling import Baselines, SettledBaseline, baseline_frame, settle
-from planpipe.plans.stats import preload
 from planpipe.plans.verdicts import SEVERITY_ORDER, ClusterSlowdown, DetectionConfig, Verdict
 from planpipe.plans.work import WORK_COLUMNS
 
@@ -180,7 +179,6 @@ def find_regressions(
             .select((pl.col("key") // LOW_BITS).alias("gk"), (pl.col("key") % LOW_BITS).alias("slot"), "n", "s")
             .sort("gk", "slot")
         )
-        preload()  # the exact stage's libraries load while settling, screening and the raw pass run
         log.info(
             "detection: %d plans, %d histogram cells, %d time slots after %.1fs",
             groups.height,

@@ -1,24 +1,31 @@
 """The statistics detection relies on: samples, Mann-Whitney U, Benjamini-Hochberg and change points.
 
-Well-kept libraries do the work: `scipy.stats.mannwhitneyu` (its exact distribution for
-small samples without ties, the tie- and continuity-corrected normal approximation
-otherwise), `scipy.stats.false_discovery_control` and `ruptures` (PELT on an l2 /
-linear-kernel cost) for change points. What is written here is the glue: which series,
-which penalty, which side of a change is "before".
+Each numerical piece is a small numpy version of what a well-kept library computes, and is
+tested against that library (planpipe_tests/unit/plans/test_stats.py; scipy and ruptures are
+test dependencies only):
+
+- `mann_whitney_u`: scipy's `mannwhitneyu`, two-sided: `method="exact"` (the exact null
+  distribution of U) for small untied samples, else `method="asymptotic"` (normal
+  approximation, tie- and continuity-corrected);
+- `benjamini_hochberg`: scipy's `false_discovery_control(method="bh")`;
+- `optimal_partition`: ruptures' `KernelCPD(kernel="linear")` PELT with a penalty (the l2
+  cost of shifts in mean), pruning included.
+
+Why hand-written (issue 11: "a hand-written piece only where a measurement shows it must
+be"): importing the libraries was what remained of detection's extra time and memory on
+the 10 M-observation bench (bench/DETECT.md). After numpy and polars, `import scipy.stats`
+took 0.52-0.58 s and +63 MB of RSS, `import ruptures` (which imports scipy.stats,
+scipy.spatial and scipy.signal) 0.58-0.61 s and +69 MB; what detection computed with them
+took 0.15-0.2 s (275 change-point searches, 24 tests, one adjustment). The rest here is the
+glue: which series, which penalty, which side of a change is "before".
 """
 
-import importlib
 import math
-import threading
 from dataclasses import dataclass
 from typing import Final
 
 import numpy as np
 import numpy.typing as npt
-
-# scipy.stats and ruptures (which imports scipy.stats) are imported where they are used:
-# loading them costs ~75 MB of resident memory, which at module import would sit under
-# detection's streaming passes and add to their peak (measured on the 10 M bench).
 
 __all__ = [
     "ChangePoint",
@@ -27,28 +34,16 @@ __all__ = [
     "benjamini_hochberg",
     "find_change",
     "mann_whitney_u",
-    "preload",
+    "optimal_partition",
     "ratio",
 ]
 
-
-def preload() -> threading.Thread:
-    """Import scipy.stats and ruptures in a background thread (~0.6 s, mostly scipy.stats): started
-    once the streaming passes are done, the import overlaps the polars work that follows them
-    (which releases the GIL) instead of adding to the exact stage. A later import waits for it."""
-    thread = threading.Thread(
-        target=lambda: [importlib.import_module(m) for m in ("scipy.stats", "ruptures")],
-        name="planpipe-preload-stats",
-        daemon=True,
-    )
-    thread.start()
-    return thread
-
-
-# Binary segmentation on at most this many points: longer series are averaged in blocks
+# Change points are searched on at most this many points: longer series are averaged in blocks
 # of consecutive executions first (a shift in level survives block means, noise shrinks).
 _MAX_POINTS: Final = 1_000
-_EXACT_MAX: Final = 8  # scipy's exact method for samples this small (without ties), as its "auto"
+# The exact null distribution of U when both samples are this small and untied (scipy's
+# "auto" takes it as soon as one sample is); the normal approximation otherwise.
+_EXACT_MAX: Final = 8
 
 
 @dataclass(frozen=True)
@@ -69,32 +64,73 @@ class MannWhitney:
 
 
 def mann_whitney_u(baseline: npt.ArrayLike, new: npt.ArrayLike) -> MannWhitney:
-    """scipy's two-sided test; its "exact" method when both samples are small and untied."""
+    """The two-sided test; the exact distribution of U when both samples are small and untied."""
     x = np.asarray(baseline, dtype=np.float64)
     y = np.asarray(new, dtype=np.float64)
     n1, n2 = len(x), len(y)
     if n1 == 0 or n2 == 0:
         raise ValueError("both samples must be non-empty")
+    if np.isnan(x).any() or np.isnan(y).any():
+        raise ValueError("samples must not contain NaN")
     both = np.concatenate([x, y])
     if np.all(both == both[0]):  # every value tied: no evidence of any difference
         return MannWhitney(u=n1 * n2 / 2, z=0.0, p_value=1.0, effect=0.5)
-    tied = len(np.unique(both)) < len(both)
-    method = "exact" if max(n1, n2) <= _EXACT_MAX and not tied else "asymptotic"
-    from scipy import stats as sps
-
-    result = sps.mannwhitneyu(y, x, alternative="two-sided", method=method)
-    u = float(result.statistic)  # U of `new`: pairs where new > baseline (+ ½ ties)
-    n = n1 + n2
-    _, counts = np.unique(both, return_counts=True)
+    sorted_x = np.sort(x)
+    below = np.searchsorted(sorted_x, y, side="left")
+    equal = np.searchsorted(sorted_x, y, side="right") - below
+    u = float(below.sum()) + 0.5 * float(equal.sum())  # U of `new`: pairs where new > baseline (+ ½ ties)
+    counts = np.unique(both, return_counts=True)[1]
     ties = float(np.sum(counts.astype(np.float64) ** 3 - counts))
+    n = n1 + n2
     variance = n1 * n2 / 12 * ((n + 1) - ties / (n * (n - 1)))
     mean = n1 * n2 / 2
     z = math.copysign(max(abs(u - mean) - 0.5, 0.0) / math.sqrt(variance), u - mean) if variance > 0 else 0.0
-    return MannWhitney(u=u, z=z, p_value=min(1.0, float(result.pvalue)), effect=u / (n1 * n2), method=method)
+    if max(n1, n2) <= _EXACT_MAX and len(counts) == n:
+        method = "exact"
+        p = 2.0 * float(_u_null_cdf(n1, n2)[int(min(u, n1 * n2 - u))])
+    else:
+        method = "asymptotic"
+        p = 2.0 * _normal_sf((max(u, n1 * n2 - u) - mean - 0.5) / math.sqrt(variance))
+    return MannWhitney(u=u, z=z, p_value=min(1.0, p), effect=u / (n1 * n2), method=method)
+
+
+def _u_null_cdf(n1: int, n2: int) -> npt.NDArray[np.float64]:
+    """P(U <= k), k = 0 … n1·n2, for untied samples of sizes n1 and n2 under the null hypothesis.
+
+    The number of orderings with U = k counts exactly (int64: fine while C(n1 + n2, n1) <
+    2^63, far beyond the sizes this is used for): with i values of one sample and j of the
+    other, the largest value is either from the first (it beats all j others: U += j) or
+    not, so f(i, j) = q^j · f(i-1, j) + f(i, j-1) as polynomials in q."""
+    if n1 + n2 > 60:
+        raise ValueError("exact distribution of U only for n1 + n2 <= 60")
+    previous = [np.ones(1, dtype=np.int64) for _ in range(n2 + 1)]  # f(0, j) = 1
+    for i in range(1, n1 + 1):
+        current = [np.ones(1, dtype=np.int64)]  # f(i, 0) = 1
+        for j in range(1, n2 + 1):
+            f = np.zeros(i * j + 1, dtype=np.int64)
+            f[j : j + len(previous[j])] += previous[j]
+            f[: len(current[j - 1])] += current[j - 1]
+            current.append(f)
+        previous = current
+    return np.cumsum(previous[n2] / float(math.comb(n1 + n2, n1)))  # as scipy sums its pmf
+
+
+_SQRT1_2: Final = 0.7071067811865476
+_MAXLOG: Final = 709.782712893384  # erfc(x) underflows to 0 past x² > this (as cephes, scipy's ndtr)
+
+
+def _normal_sf(z: float) -> float:
+    """P(Z > z) for a standard normal Z: scipy's `ndtr(-z)` (cephes), from math's erf/erfc."""
+    x = -z * _SQRT1_2
+    a = abs(x)
+    if a < _SQRT1_2:
+        return 0.5 + 0.5 * math.erf(x)
+    tail = 0.0 if a * a > _MAXLOG else 0.5 * math.erfc(a)
+    return 1.0 - tail if x > 0 else tail
 
 
 def benjamini_hochberg(p_values: list[float], tests: int) -> list[float]:
-    """Adjusted p-values (scipy's `false_discovery_control`, Benjamini-Hochberg) for
+    """Adjusted p-values (Benjamini-Hochberg, as scipy's `false_discovery_control`) for
     `p_values` out of `tests` hypotheses; the hypotheses not listed count as p = 1,
     which never changes the others."""
     if not p_values:
@@ -102,10 +138,15 @@ def benjamini_hochberg(p_values: list[float], tests: int) -> list[float]:
     m = max(tests, len(p_values))
     padded = np.ones(m, dtype=np.float64)
     padded[: len(p_values)] = p_values
-    from scipy import stats as sps
-
-    adjusted = sps.false_discovery_control(padded, method="bh")
-    return [float(v) for v in adjusted[: len(p_values)]]
+    if not np.all((padded >= 0) & (padded <= 1)):
+        raise ValueError("p-values must lie between 0 and 1")
+    order = np.argsort(padded)
+    adjusted = padded[order] * (m / np.arange(1, m + 1, dtype=np.float64))
+    # The step-up: an adjusted p-value is never above a larger p-value's adjustment.
+    np.minimum.accumulate(adjusted[::-1], out=adjusted[::-1])
+    restored = np.empty(m, dtype=np.float64)
+    restored[order] = adjusted
+    return [float(v) for v in np.clip(restored[: len(p_values)], 0.0, 1.0)]
 
 
 @dataclass(frozen=True)
@@ -152,8 +193,8 @@ def find_change(
 ) -> ChangePoint | None:
     """The start of the series' current level, if its level changed.
 
-    Optimal segmentation (ruptures KernelCPD: PELT with a linear kernel, i.e. the l2
-    cost of shifts in mean) of the log-latency series in execution order, penalised by
+    Optimal segmentation (`optimal_partition`: PELT on the l2 cost of shifts in mean)
+    of the log-latency series in execution order, penalised by
     `penalty` · σ² · ln n (σ² the noise variance: BIC-like, so noise alone rarely buys
     a breakpoint). Segments hold at least `min_size`
     executions. The current level is the last segment; it started at the last
@@ -177,12 +218,7 @@ def find_change(
     if points < 2 * min_points:
         return None
     pen = penalty * _noise_variance(series) * math.log(points)
-    # PELT with a linear kernel is the l2 cost (shifts in mean) solved exactly, in ruptures' C code:
-    # ~50× faster than binary segmentation here (0.6 ms vs 19 ms at 500 points).
-    import ruptures
-
-    algo = ruptures.KernelCPD(kernel="linear", min_size=min_points).fit(series.reshape(-1, 1))
-    ends = [int(b) for b in algo.predict(pen=pen)][:-1]  # ruptures ends with len(series)
+    ends = optimal_partition(series, pen, min_points)[:-1]  # the last segment ends with the series
     if not ends:
         return None
     starts = [0, *ends]
@@ -195,3 +231,89 @@ def find_change(
         k -= 1
     index = head + starts[k] * block if starts[k] else 0
     return ChangePoint(index=index, breakpoints=tuple(head + s * block for s in ends))
+
+
+def optimal_partition(signal: npt.NDArray[np.float64], penalty: float, min_size: int) -> list[int]:
+    """Ends of the segments of `signal` minimising Σ (squared deviations from the segment's
+    mean) + `penalty` per segment, each segment at least `min_size` long, the last end
+    being len(signal): ruptures' `KernelCPD(kernel="linear", min_size).fit(signal).predict(pen=penalty)`.
+
+    PELT as ruptures' C loop (ekcpd_pelt_compute) runs it, pruning included: the oldest
+    candidate start is dropped while it costs at least the best total so far, so a start
+    can be dropped that an end less than `min_size` later would have taken. The costs come
+    from prefix sums of the centred signal instead of ruptures' running sums; where two
+    totals agree to rounding the two may choose differently (ruptures' own rounding finds
+    breakpoints in a constant signal under a tiny penalty; this does not). Vectorised over
+    blocks of `min_size` ends (rows) and their candidate starts (columns): every start an
+    end in [t0, t0 + min_size) may take lies before t0, so the totals it needs are known.
+    """
+    x = np.asarray(signal, dtype=np.float64).reshape(-1)
+    n, m = len(x), int(min_size)
+    if m < 1 or n < 2 * m:
+        raise ValueError(f"cannot split {n} points into segments of at least {min_size}")
+    centred = x - x.mean()
+    sums = np.concatenate(([0.0], np.cumsum(centred)))  # Σ x[:t]
+    squares = np.concatenate(([0.0], np.cumsum(centred * centred)))  # Σ x²[:t]
+    index = np.arange(n + 1, dtype=np.float64)
+    best = np.zeros(n + 1)  # least penalised cost of x[:t]
+    path = np.zeros(n + 1, dtype=np.int64)  # where its last segment starts
+    ends = np.arange(1, 2 * m)  # before 2·min_size: one segment
+    best[ends] = squares[ends] - sums[ends] ** 2 / ends + penalty
+    # Row j, column i of a block's last rows - 1 starts: start > end - m (not a candidate) iff i >= j.
+    corner = np.triu(np.ones((m, m), dtype=bool))
+    s_min = 0  # the oldest candidate start (pruning moves it forward only)
+    t0 = 2 * m
+    while t0 <= n:
+        t1 = min(t0 + m, n + 1)
+        rows, lo, width = t1 - t0, s_min, t1 - m - s_min  # candidate starts lo … t1-m-1
+        gain = sums[t0:t1, None] - sums[None, lo : lo + width]
+        gain *= gain
+        gain /= index[t0:t1, None] - index[None, lo : lo + width]  # (Σ segment)² / length
+        totals = (best[lo : lo + width] - squares[lo : lo + width])[None, :] + squares[t0:t1, None]
+        totals -= gain  # best[s] + cost(s, t), ruptures' M_pruning
+        np.copyto(totals[:, width - rows + 1 :], np.inf, where=corner[:rows, : rows - 1])  # start > end - m
+        if lo == 0:
+            totals[:, 1:m] = np.inf  # a first segment shorter than m
+        choice = np.argmin(totals, axis=1)  # the first least: ruptures replaces only on "<"
+        least = totals[np.arange(rows), choice] + penalty
+        if not (totals[:, 0] < least).all():  # else the oldest start stays a candidate through the block
+            s_min = _prune(totals, choice, least, penalty, lo, t0, m, corner)
+        best[t0:t1] = least
+        path[t0:t1] = choice + lo
+        t0 = t1
+    found = [n]
+    while found[-1] > 0:
+        found.append(int(path[found[-1]]))
+    return found[-2::-1]
+
+
+def _prune(
+    totals: npt.NDArray[np.float64],
+    choice: npt.NDArray[np.int64],
+    least: npt.NDArray[np.float64],
+    penalty: float,
+    lo: int,
+    t0: int,
+    m: int,
+    corner: npt.NDArray[np.bool_],
+) -> int:
+    """PELT's pruning through one block of `optimal_partition`, end by end: the oldest
+    candidate start moves to the first one (0, then m, m+1, …) that still beats the best
+    total, or to end - m + 1. An end whose best start was pruned at an earlier end of the
+    block takes the best of those left (`choice` and `least` are updated). The new oldest
+    candidate start is returned."""
+    rows, width = totals.shape
+    beats = totals < least[:, None]  # not a candidate (inf): never stops the pruning …
+    np.copyto(beats[:, width - rows + 1 :], True, where=corner[:rows, : rows - 1])  # … but end - m + 1 does
+    s_min = lo
+    for j in range(rows):
+        k = s_min - lo
+        if choice[j] < k:
+            choice[j] = k + int(np.argmin(totals[j, k:]))
+            least[j] = totals[j, choice[j]] + penalty
+            beats[j, : width - rows + 1] = totals[j, : width - rows + 1] < least[j]
+            beats[j, width - rows + 1 :] = (totals[j, width - rows + 1 :] < least[j]) | corner[j, : rows - 1]
+        if not beats[j, k]:
+            ahead = np.flatnonzero(beats[j, k:])
+            s_min = lo + k + int(ahead[0]) if len(ahead) else t0 + j - m + 1
+    return s_min

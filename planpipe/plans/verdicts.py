@@ -241,7 +241,7 @@ class Evidence:
             "delta_p95_ms": round(self.delta_p95_ms, 4),
             "work_ratio_blocks": rounded(self.work_ratio_blocks),
             "work_ratio_rows": rounded(self.work_ratio_rows),
-            "test": f"mann-whitney-u (two-sided, scipy {self.test.method})",
+            "test": f"mann-whitney-u (two-sided, {self.test.method})",
             "u": self.test.u,
             "z": round(self.test.z, 4),
             "p_value": self.test.p_value,

@@ -1,9 +1,13 @@
-"""Mann-Whitney U (scipy: exact for small untied samples, else tie + continuity corrected), BH, change points."""
+"""Mann-Whitney U (exact for small untied samples, else tie + continuity corrected), BH, change points.
+
+planpipe.plans.stats computes them itself (importing scipy.stats and ruptures cost detection
+more than the computations); the tests at the end check it against scipy and ruptures."""
 
 import math
 import random
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 
 from planpipe.plans.stats import SampleStats, benjamini_hochberg, mann_whitney_u
@@ -121,3 +125,183 @@ def test_benjamini_hochberg_is_scipys_with_unlisted_hypotheses_at_one() -> None:
     adjusted = benjamini_hochberg([0.001, 0.02, 0.04], tests=10)
     assert adjusted == pytest.approx([0.01, 0.1, 0.1333333], rel=1e-6)
     assert benjamini_hochberg([], tests=5) == []
+
+
+# --- Against the libraries the numpy versions replace (dev dependencies: scipy, ruptures) ---
+
+
+def _scipy_mwu(baseline: np.ndarray, new: np.ndarray, method: str) -> tuple[float, float]:
+    from scipy import stats as sps
+
+    result = sps.mannwhitneyu(new, baseline, alternative="two-sided", method=method)
+    return float(result.statistic), float(result.pvalue)
+
+
+def _samples(rng: np.random.Generator, n: int, kind: int) -> np.ndarray:
+    if kind == 0:
+        return rng.lognormal(0.0, 1.0, n)
+    if kind == 1:
+        return rng.integers(0, 6, n).astype(np.float64)  # many ties
+    scale = 10.0 ** float(rng.integers(-300, 300))  # tiny or huge values, the same ranks
+    return np.asarray(rng.normal(0.0, 1.0, n) * scale, dtype=np.float64)
+
+
+def test_mann_whitney_exact_is_scipys_exact() -> None:
+    rng = np.random.default_rng(21)
+    sizes = [(n1, n2) for n1 in range(1, 9) for n2 in range(1, 9)]
+    for n1, n2 in sizes:
+        for _ in range(3):
+            scale = 10.0 ** float(rng.integers(-300, 300))
+            values = rng.permutation(np.arange(1.0, n1 + n2 + 1) * scale + rng.uniform(0, 0.5) * scale)
+            baseline, new = values[:n1], values[n1:]
+            result = mann_whitney_u(baseline, new)
+            u, p = _scipy_mwu(baseline, new, "exact")
+            assert result.method == "exact"
+            assert result.u == u
+            assert result.p_value == pytest.approx(p, rel=1e-12)
+
+
+def test_mann_whitney_asymptotic_is_scipys_asymptotic() -> None:
+    rng = np.random.default_rng(22)
+    for trial in range(600):
+        kind = trial % 3
+        n1, n2 = int(rng.integers(1, 400)), int(rng.integers(1, 400))
+        if kind != 1 and max(n1, n2) <= 8:
+            n2 = 9  # untied samples this small take the exact distribution (tested above)
+        shift = float(rng.choice([0.0, 0.3, 3.0]))
+        baseline, new = _samples(rng, n1, kind), _samples(rng, n2, kind) + shift * (kind == 1)
+        result = mann_whitney_u(baseline, new)
+        u, p = _scipy_mwu(baseline, new, "asymptotic")
+        assert result.method == "asymptotic"
+        assert result.u == u
+        assert result.p_value == pytest.approx(p, rel=1e-12, abs=1e-300)
+
+
+def test_mann_whitney_edges_match_scipy() -> None:
+    # (baseline, new, method scipy must have used): n = 1, equal samples, all one value,
+    # ties in tiny samples (normal approximation), the size boundary of the exact method.
+    rng = np.random.default_rng(23)
+    untied9 = rng.permutation(np.arange(17.0))
+    cases: list[tuple[npt.ArrayLike, npt.ArrayLike, str]] = [
+        ([1.0], [2.0], "exact"),
+        ([3.0], [1.0, 2.0, 4.0, 5.0], "exact"),
+        ([1.0, 2.0, 3.0], [1.0, 2.0, 3.0], "asymptotic"),  # equal samples are ties
+        ([7.0] * 5, [7.0] * 3, "asymptotic"),
+        ([1.0, 1.0], [2.0], "asymptotic"),
+        (untied9[:8], untied9[8:16], "exact"),
+        (untied9[:8], untied9[8:], "asymptotic"),  # 8 and 9: beyond the exact method here
+        (np.arange(5000.0), np.arange(5000.0) + 10_000, "asymptotic"),  # p underflows
+        (np.arange(960.0), np.arange(960.0) + 960, "asymptotic"),  # z = 37.9: 0, not erfc's 6e-315
+        (np.arange(3000.0) * 1e-300, np.arange(3000.0) * 1e-300 + 5e-298, "asymptotic"),
+    ]
+    for baseline, new, method in cases:
+        result = mann_whitney_u(baseline, new)
+        u, p = _scipy_mwu(np.asarray(baseline), np.asarray(new), method)
+        assert (result.method, result.u) == (method, u)
+        assert result.p_value == pytest.approx(p, rel=1e-12, abs=1e-300)
+        assert (result.p_value == 0.0) == (p == 0.0)
+
+
+def test_mann_whitney_rejects_nan() -> None:
+    with pytest.raises(ValueError):
+        mann_whitney_u([1.0, float("nan")], [2.0])
+
+
+def test_benjamini_hochberg_is_scipys() -> None:
+    from scipy import stats as sps
+
+    rng = np.random.default_rng(24)
+    for trial in range(300):
+        size = int(rng.integers(1, 60))
+        p = rng.uniform(0, 1, size) ** float(rng.choice([1, 4, 20]))
+        if trial % 3 == 0:
+            p = np.round(p, 2)  # ties
+        if trial % 4 == 0:
+            p[rng.integers(0, size, 3)] = 0.0
+        if trial % 5 == 0:
+            p[rng.integers(0, size, 3)] = 1.0
+        tests = size + int(rng.integers(0, 40))
+        padded = np.ones(tests)
+        padded[:size] = p
+        expected = sps.false_discovery_control(padded, method="bh")[:size]
+        assert benjamini_hochberg(p.tolist(), tests) == pytest.approx(expected.tolist(), rel=1e-15, abs=0)
+    with pytest.raises(ValueError):
+        benjamini_hochberg([0.5, 1.5], 2)
+
+
+def _ruptures_ends(signal: np.ndarray, penalty: float, min_size: int) -> list[int]:
+    import ruptures
+
+    algo = ruptures.KernelCPD(kernel="linear", min_size=min_size).fit(signal.reshape(-1, 1))
+    return [int(end) for end in algo.predict(pen=penalty)]
+
+
+def test_optimal_partition_is_ruptures_pelt() -> None:
+    from planpipe.plans.stats import optimal_partition
+
+    rng = np.random.default_rng(25)
+    for trial in range(1200):
+        n = int(rng.integers(2, 300))
+        min_size = int(rng.integers(1, n // 2 + 1))
+        kind = trial % 4
+        if kind == 0:  # noise
+            signal = rng.normal(0, 1, n)
+        elif kind == 1:  # levels, each held a while, with noise
+            levels = rng.normal(0, 2, int(rng.integers(1, 8)))
+            signal = np.repeat(levels, -(-n // len(levels)))[:n] + rng.normal(0, 0.4, n)
+        elif kind == 2:  # noiseless levels
+            signal = np.repeat(rng.normal(0, 1, 5), -(-n // 5))[:n]
+        else:  # tiny or huge magnitudes
+            signal = rng.normal(float(rng.normal(0, 3)), 1, n) * 10.0 ** float(rng.integers(-12, 12))
+        penalty = float(10.0 ** rng.uniform(-2, 2)) * float(np.var(signal) or 1.0)
+        assert optimal_partition(signal, penalty, min_size) == _ruptures_ends(signal, penalty, min_size), trial
+
+
+def test_optimal_partition_edges_match_ruptures() -> None:
+    from planpipe.plans.stats import optimal_partition
+
+    rng = np.random.default_rng(26)
+    n, m = 300, 20
+    cases = []
+    for at in (m, m + 1, n // 2, n - m - 1, n - m):  # one change, at the first to the last allowed index
+        cases.append((np.r_[rng.normal(0, 0.3, at), rng.normal(2, 0.3, n - at)], m))
+    cases.append((rng.normal(0, 0.3, n), m))  # no change
+    cases.append((rng.normal(0, 0.3, 2 * m), m))  # just long enough for two segments
+    cases.append((np.r_[rng.normal(0, 0.3, m), rng.normal(3, 0.3, m)], m))
+    cases.append((rng.normal(0, 1, 1000), 1))  # the longest series, the smallest segments
+    cases.append((np.r_[rng.normal(0, 0.2, 600), rng.normal(1, 0.2, 400)], 10))
+    for signal, min_size in cases:
+        penalty = 3 * 0.09 * math.log(len(signal))
+        assert optimal_partition(signal, penalty, min_size) == _ruptures_ends(signal, penalty, min_size)
+    found = optimal_partition(cases[0][0], 3 * 0.09 * math.log(n), m)
+    assert found == [m, n]  # the change at the first allowed index is found
+    with pytest.raises(ValueError):
+        optimal_partition(np.zeros(10), 1.0, 6)
+
+
+def test_optimal_partition_finds_nothing_in_a_constant_series() -> None:
+    # Every segmentation costs exactly 0; ruptures' rounding can still buy breakpoints with
+    # the tiny penalty a constant series gets (e.g. 300 × log(2000 ms)), this does not.
+    from planpipe.plans.stats import find_change, optimal_partition
+
+    for value in (math.log(5), math.log(2000), math.log(0.05), 12.3456):
+        for n in (40, 300, 1000):
+            assert optimal_partition(np.full(n, value), 3e-12 * math.log(n), 20) == [n]
+            assert find_change(np.full(n, value), 20) is None
+
+
+def test_find_change_is_what_it_was_with_ruptures(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The glue around the partition (block means, penalty, which level is current) unchanged."""
+    import planpipe.plans.stats as stats_module
+
+    rng = np.random.default_rng(27)
+    series = []
+    for _ in range(40):
+        n, at = int(rng.integers(40, 4000)), float(rng.uniform(0.1, 0.95))
+        before, after = rng.normal(0, 0.3, int(n * at)), rng.normal(float(rng.choice([0, 0.5, 1.5])), 0.3, n)
+        series.append(np.r_[before, after[: n - len(before)]])
+    ours = [stats_module.find_change(s.copy(), min_size=20) for s in series]
+    monkeypatch.setattr(stats_module, "optimal_partition", _ruptures_ends)
+    theirs = [stats_module.find_change(s.copy(), min_size=20) for s in series]
+    assert ours == theirs
+    assert sum(c is not None for c in ours) >= 10  # the comparison saw changes, not only None

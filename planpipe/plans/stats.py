@@ -16,8 +16,8 @@ be"): importing the libraries was most of what detection's time had grown by on 
 observation bench (bench/DETECT.md). After numpy and polars, `import scipy.stats` took
 0.52-0.58 s and +63 MB of RSS, `import ruptures` (which imports scipy.stats, scipy.spatial
 and scipy.signal) 0.58-0.61 s and +69 MB; what detection computed with them took 0.15-0.2 s
-(275 change-point searches, 24 tests, one adjustment). Without them detection's CPU time is
-back to the version before issue 11's. The rest here is the glue: which series, which
+(275 change-point searches, 24 tests, one adjustment). Without them detection's CPU time and
+memory in use are back to the version before issue 11's. The rest here is the glue: which series, which
 penalty, which side of a change is "before".
 """
 

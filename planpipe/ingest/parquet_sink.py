@@ -90,37 +90,33 @@ def write_batch(
 ) -> list[WrittenFile]:
     """Write the batch durably (fsync file and directory) before PostgreSQL commits it.
 
-    One frame per file, built from that file's records and dropped once written: memory
-    holds one file's worth of columns rather than the whole batch twice (frame + groups).
+    One frame for the batch, split into its files by polars: converting the Python columns
+    once and hashing the plan keys once cost about half of building a frame per file from
+    per-file slices of the lists (measured on 5,000-record batches over 6 partitions).
     """
     if len(observations) == 0:
         return []
     stamp = ingested_at or datetime.now(UTC)
     ranges = {(topic, partition): (first, last) for topic, partition, first, last in offset_ranges}
-    columns = observations.columns()
-    files: dict[tuple[str, str, str, int], list[int]] = {}
-    obs = observations
-    keys = zip(obs.route, _dates(obs), obs.kafka_topic, obs.kafka_partition, strict=True)
-    for index, key in enumerate(keys):
-        files.setdefault(key, []).append(index)
+    groups = _frame(observations.columns(), stamp, with_partition_columns=True).partition_by(
+        ["route", "date", "kafka_topic", "kafka_partition"], as_dict=True, maintain_order=True
+    )
     written: list[WrittenFile] = []
     directories: dict[Path, None] = {}
-    for (route, date, topic, partition), indices in files.items():
+    for key in list(groups):
+        route, date, topic, partition = (str(key[0]), str(key[1]), str(key[2]), int(key[3]))
+        part = groups.pop(key).drop(PARTITION_COLUMNS)  # dropped once written: memory shrinks per file
         first, last = ranges[(topic, partition)]
         directory = root / f"route={route}" / f"date={date}"
         directory.mkdir(parents=True, exist_ok=True)
         target = directory / file_name(topic, partition, first, last)
         staging = target.with_suffix(".parquet.tmp")
-        one_file = len(files) == 1
-        part = columns if one_file else {name: [values[i] for i in indices] for name, values in columns.items()}
-        _frame(part, stamp).write_parquet(
-            staging, compression="zstd", compression_level=HOT_ZSTD_LEVEL, statistics=True
-        )
+        part.write_parquet(staging, compression="zstd", compression_level=HOT_ZSTD_LEVEL, statistics=True)
         with staging.open("rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(staging, target)
         directories[directory] = None
-        written.append(WrittenFile(target, len(indices)))
+        written.append(WrittenFile(target, part.height))
     # One fsync per directory, once its files are all renamed: the renames are durable
     # before the store commits the batch, as with one fsync per file.
     for directory in directories:
@@ -128,28 +124,36 @@ def write_batch(
     return written
 
 
-def _dates(observations: Observations) -> list[str]:
-    """The hive `date` of each observation: the UTC date of its execution."""
-    seconds = pl.Series(observations.execution_timestamp, dtype=pl.Float64)
-    return pl.from_epoch(seconds, time_unit="s").dt.date().cast(pl.String).to_list()
-
-
-def _frame(columns: dict[str, list[object]], ingested_at: datetime) -> pl.DataFrame:
-    """The file's columns in SCHEMA order; route and date are the directory's, not stored."""
+def _frame(
+    columns: dict[str, list[object]], ingested_at: datetime, *, with_partition_columns: bool = False
+) -> pl.DataFrame:
+    """The file's columns in SCHEMA order; route and date are the directory's, not stored
+    (`with_partition_columns`: kept, date derived from the execution time, to split a batch by them)."""
     # ingested_at is one value broadcast by polars: a list of datetimes cost ~5 µs per record to convert.
     stored = {name: values for name, values in columns.items() if name not in PARTITION_COLUMNS}
     frame = pl.DataFrame(stored, schema={name: SCHEMA[name] for name in stored})
-    return frame.with_columns(
-        pl.lit(ingested_at, dtype=SCHEMA["ingested_at"]).alias("ingested_at"), plan_keys(frame)
-    ).select([name for name in SCHEMA if name not in PARTITION_COLUMNS])
+    frame = frame.with_columns(pl.lit(ingested_at, dtype=SCHEMA["ingested_at"]).alias("ingested_at"), plan_keys(frame))
+    names = [name for name in SCHEMA if name not in PARTITION_COLUMNS]
+    if not with_partition_columns:
+        return frame.select(names)
+    return frame.select(
+        *names,
+        pl.Series("route", columns["route"], dtype=pl.String),
+        _date_of_execution(pl.col("execution_timestamp")).alias("date"),
+    )
+
+
+def _date_of_execution(seconds: pl.Expr) -> pl.Expr:
+    """The hive `date` of an observation: the UTC date of its execution."""
+    return pl.from_epoch(seconds, time_unit="s").dt.date().cast(pl.String)
 
 
 def check_writable(observations: Observations) -> None:
     """Build and encode the batch's Parquet in memory: raises what `write_batch` would, writes nothing."""
     if len(observations) == 0:
         return
-    _dates(observations)
-    _frame(observations.columns(), datetime.now(UTC)).write_parquet(io.BytesIO(), compression="zstd", statistics=True)
+    frame = _frame(observations.columns(), datetime.now(UTC), with_partition_columns=True)
+    frame.drop(PARTITION_COLUMNS).write_parquet(io.BytesIO(), compression="zstd", statistics=True)
 
 
 def discard_uncommitted(root: Path, topic: str, partition: int, next_offset: int) -> list[Path]:

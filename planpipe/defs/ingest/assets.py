@@ -10,7 +10,13 @@ import signal
 
 import dagster as dg
 
-from planpipe.defs.ingest.runtime import STANDING_TAG, GracefulStop, ProgressWatchdog, ingest_client_id
+from planpipe.defs.ingest.runtime import (
+    STANDING_TAG,
+    GracefulStop,
+    ProgressWatchdog,
+    ingest_client_id,
+    watchdog_interval_s,
+)
 from planpipe.defs.resources import REGION_TAG, PlanpipeResource
 from planpipe.ingest.engine import BatchReport, IngestEngine, RunSummary
 from planpipe.ingest.sla import Progress
@@ -94,7 +100,7 @@ def ingest_micro_batches(
         context.log_event(dg.AssetObservation(asset_key=OBSERVATIONS, metadata=_progress_metadata(progress)))
 
     watchdog = ProgressWatchdog(
-        settings, client_id, report_progress, interval_s=min(10.0, max(1.0, planpipe.ingest_stall_after_s / 4)),
+        settings, client_id, report_progress, interval_s=watchdog_interval_s(planpipe.ingest_stall_after_s),
         stall_after_s=planpipe.ingest_stall_after_s,
     )  # fmt: skip
 

@@ -98,6 +98,18 @@ class GracefulStop:
         self._previous.clear()
 
 
+def watchdog_interval_s(stall_after_s: float) -> float:
+    """How often a run's watchdog checks its progress: a few checks per stall limit."""
+    return min(10.0, max(1.0, stall_after_s / 4))
+
+
+def replace_after_s(stall_after_s: float) -> float:
+    """How long without progress before the lag sensor replaces a run: past the stall limit by two
+    of the run's own checks, so the run has reported itself stalled (its observation, the
+    `ingest_progress` verdict in its log) before it is terminated, not only in the sensor's log."""
+    return stall_after_s + 2 * watchdog_interval_s(stall_after_s)
+
+
 class ProgressWatchdog:
     """Checks a run's progress in a thread; `report` is called when the verdict changes."""
 

@@ -8,7 +8,7 @@ import dagster as dg
 
 from planpipe.defs.ingest.assets import OBSERVATIONS, ingest_micro_batches, query_plans_topic
 from planpipe.defs.ingest.jobs import INGEST_ROLE_TAG, ingest_job
-from planpipe.defs.ingest.runtime import STANDING_TAG, ingest_client_id
+from planpipe.defs.ingest.runtime import STANDING_TAG, ingest_client_id, replace_after_s
 from planpipe.defs.resources import KafkaResource, PlanpipeResource, PostgresResource
 from planpipe.health.run_failures import record_run_failure
 from planpipe.ingest.lag import LagUnavailable, PartitionLag
@@ -139,7 +139,8 @@ def stuck_runs(
     stall_after_s: float,
 ) -> list[StuckRun]:
     """Ingest runs whose ingest step is consuming, with lag on their partitions and no committed batch
-    for `stall_after_s` (counted from the step's start at the earliest)."""
+    for `replace_after_s(stall_after_s)` (counted from the step's start at the earliest): stalled,
+    and given the time to say so themselves."""
     runs = instance.get_runs(dg.RunsFilter(job_name=ingest_job.name, statuses=[dg.DagsterRunStatus.STARTED]))
     if not runs:
         return []
@@ -162,7 +163,7 @@ def stuck_runs(
             lag, now=now, last_commit_at=_last_batch_at(instance, run.run_id), expected_since=started,
             stall_after_s=stall_after_s,
         )  # fmt: skip
-        if progress.stalled:
+        if progress.stalled and progress.idle_s > replace_after_s(stall_after_s):
             stuck.append(StuckRun(run.run_id, progress))
     return stuck
 

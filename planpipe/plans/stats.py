@@ -247,6 +247,8 @@ def optimal_partition(signal: npt.NDArray[np.float64], penalty: float, min_size:
     breakpoints in a constant signal under a tiny penalty; this does not). Vectorised over
     blocks of `min_size` ends (rows) and their candidate starts (columns): every start an
     end in [t0, t0 + min_size) may take lies before t0, so the totals it needs are known.
+    A smaller `min_size` gets blocks of `_MIN_BLOCK` ends, whose starts inside the block
+    are tried end by end (`_Walk`).
     """
     x = np.asarray(signal, dtype=np.float64).reshape(-1)
     n, m = len(x), int(min_size)
@@ -260,27 +262,31 @@ def optimal_partition(signal: npt.NDArray[np.float64], penalty: float, min_size:
     path = np.zeros(n + 1, dtype=np.int64)  # where its last segment starts
     ends = np.arange(1, 2 * m)  # before 2·min_size: one segment
     best[ends] = squares[ends] - sums[ends] ** 2 / ends + penalty
-    # Row j, column i of a block's last rows - 1 starts: start > end - m (not a candidate) iff i >= j.
-    corner = np.triu(np.ones((m, m), dtype=bool))
+    block = m if m >= _MIN_BLOCK // 2 else _MIN_BLOCK
+    # Row j, column i of the last m - 1 starts before a block: start > end - m (not a candidate) iff i >= j.
+    corner = np.triu(np.ones((block, m - 1), dtype=bool))
+    walk = _Walk(sums.tolist(), squares.tolist(), (best - squares).tolist(), best, path, penalty, m)
     s_min = 0  # the oldest candidate start (pruning moves it forward only)
     t0 = 2 * m
     while t0 <= n:
-        t1 = min(t0 + m, n + 1)
-        rows, lo, width = t1 - t0, s_min, t1 - m - s_min  # candidate starts lo … t1-m-1
-        gain = sums[t0:t1, None] - sums[None, lo : lo + width]
+        t1 = min(t0 + block, n + 1)
+        rows, lo = t1 - t0, s_min
+        gain = sums[t0:t1, None] - sums[None, lo:t0]
         gain *= gain
-        gain /= index[t0:t1, None] - index[None, lo : lo + width]  # (Σ segment)² / length
-        totals = (best[lo : lo + width] - squares[lo : lo + width])[None, :] + squares[t0:t1, None]
-        totals -= gain  # best[s] + cost(s, t), ruptures' M_pruning
-        np.copyto(totals[:, width - rows + 1 :], np.inf, where=corner[:rows, : rows - 1])  # start > end - m
+        gain /= index[t0:t1, None] - index[None, lo:t0]  # (Σ segment)² / length
+        totals = (best[lo:t0] - squares[lo:t0])[None, :] + squares[t0:t1, None]
+        totals -= gain  # best[s] + cost(s, t) for the starts before the block: ruptures' M_pruning
+        np.copyto(totals[:, t0 - lo - m + 1 :], np.inf, where=corner[:rows])  # start > end - m
         if lo == 0:
             totals[:, 1:m] = np.inf  # a first segment shorter than m
         choice = np.argmin(totals, axis=1)  # the first least: ruptures replaces only on "<"
         least = totals[np.arange(rows), choice] + penalty
-        if not (totals[:, 0] < least).all():  # else the oldest start stays a candidate through the block
-            s_min = _prune(totals, choice, least, penalty, lo, t0, m, corner)
-        best[t0:t1] = least
-        path[t0:t1] = choice + lo
+        if rows <= m and (totals[:, 0] < least).all():  # no start inside the block, none pruned
+            best[t0:t1] = least
+            path[t0:t1] = choice + lo
+            walk.below[t0:t1] = (least - squares[t0:t1]).tolist()
+        else:
+            s_min = walk.through(totals, choice, lo, t0, s_min)
         t0 = t1
     found = [n]
     while found[-1] > 0:
@@ -288,33 +294,62 @@ def optimal_partition(signal: npt.NDArray[np.float64], penalty: float, min_size:
     return found[-2::-1]
 
 
-def _prune(
-    totals: npt.NDArray[np.float64],
-    choice: npt.NDArray[np.int64],
-    least: npt.NDArray[np.float64],
-    penalty: float,
-    lo: int,
-    t0: int,
-    m: int,
-    corner: npt.NDArray[np.bool_],
-) -> int:
-    """PELT's pruning through one block of `optimal_partition`, end by end: the oldest
-    candidate start moves to the first one (0, then m, m+1, …) that still beats the best
-    total, or to end - m + 1. An end whose best start was pruned at an earlier end of the
-    block takes the best of those left (`choice` and `least` are updated). The new oldest
-    candidate start is returned."""
-    rows, width = totals.shape
-    beats = totals < least[:, None]  # not a candidate (inf): never stops the pruning …
-    np.copyto(beats[:, width - rows + 1 :], True, where=corner[:rows, : rows - 1])  # … but end - m + 1 does
-    s_min = lo
-    for j in range(rows):
-        k = s_min - lo
-        if choice[j] < k:
-            choice[j] = k + int(np.argmin(totals[j, k:]))
-            least[j] = totals[j, choice[j]] + penalty
-            beats[j, : width - rows + 1] = totals[j, : width - rows + 1] < least[j]
-            beats[j, width - rows + 1 :] = (totals[j, width - rows + 1 :] < least[j]) | corner[j, : rows - 1]
-        if not beats[j, k]:
-            ahead = np.flatnonzero(beats[j, k:])
-            s_min = lo + k + int(ahead[0]) if len(ahead) else t0 + j - m + 1
-    return s_min
+# Ends per vectorised step when min_size is below half this (the starts inside a step are then
+# tried one by one): fewer ends per step cost more in numpy calls than the starts inside cost.
+_MIN_BLOCK: Final = 16
+
+
+@dataclass
+class _Walk:
+    """`optimal_partition` end by end through one block: the starts inside the block (when
+    min_size is smaller than it) and PELT's pruning, which moves the oldest candidate start
+    to the first one (0, then m, m+1, …) that still beats the best total, or to end - m + 1."""
+
+    sums: list[float]
+    squares: list[float]
+    below: list[float]  # best[s] - squares[s]
+    best: npt.NDArray[np.float64]
+    path: npt.NDArray[np.int64]
+    penalty: float
+    m: int
+
+    def through(
+        self, totals: npt.NDArray[np.float64], choice: npt.NDArray[np.int64], lo: int, t0: int, s_min: int
+    ) -> int:
+        """Ends t0 … t0 + len(totals) - 1, given the totals of the starts before t0 (rows: ends,
+        columns: starts from lo; each row's first least in `choice`). Returns the oldest
+        candidate start after the block."""
+        m = self.m
+        for j in range(len(totals)):
+            t = t0 + j
+            least, start = math.inf, -1
+            if s_min < t0:  # the starts before the block, from the oldest candidate on
+                k = s_min - lo
+                c = int(choice[j])
+                if c < k:  # its best start was pruned earlier in this block
+                    c = k + int(np.argmin(totals[j, k:]))
+                least, start = float(totals[j, c]), c + lo
+            first = max(t0, s_min)
+            inside = []  # the totals of starts first … t - m, inside the block
+            sum_t, squares_t = self.sums[t], self.squares[t]
+            for s in range(first, t - m + 1):
+                d = sum_t - self.sums[s]
+                total = (self.below[s] + squares_t) - d * d / (t - s)
+                inside.append(total)
+                if total < least:
+                    least, start = total, s
+            least += self.penalty
+            self.best[t], self.path[t], self.below[t] = least, start, least - squares_t
+            # Pruning: the oldest candidate moves to the first start that beats the best total
+            # (non-candidates before the block are inf and never do), or to t - m + 1.
+            if s_min < t0:
+                k = s_min - lo
+                if totals[j, k] < least:
+                    continue
+                ahead = np.flatnonzero(totals[j, k:] < least)
+                if len(ahead):
+                    s_min = lo + k + int(ahead[0])
+                    continue
+            beating = (s for s, total in zip(range(first, t - m + 1), inside, strict=True) if total < least)
+            s_min = next(beating, t - m + 1)
+        return s_min

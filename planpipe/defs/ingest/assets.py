@@ -12,6 +12,7 @@ import dagster as dg
 
 from planpipe.defs.ingest.runtime import (
     STANDING_TAG,
+    CancelWatch,
     GracefulStop,
     ProgressWatchdog,
     ingest_client_id,
@@ -111,8 +112,12 @@ def ingest_micro_batches(
     # Signals before the engine exists keep Dagster's behaviour (interrupt); from here until the
     # function returns they end the loop between batches. One return, no yields: an interrupt
     # that arrives while Dagster handles our results cannot fail a step that already finished.
+    def canceling() -> bool:
+        run = context.instance.get_run_by_id(context.run.run_id)
+        return run is not None and run.status in (dg.DagsterRunStatus.CANCELING, dg.DagsterRunStatus.CANCELED)
+
     engine = IngestEngine(settings, on_batch=record, client_id=client_id)
-    with GracefulStop(engine.stop) as stop:
+    with GracefulStop(engine.stop) as stop, CancelWatch(canceling, engine.stop) as cancel:
         summary: RunSummary | None = None
         with watchdog:
             try:
@@ -121,14 +126,14 @@ def ingest_micro_batches(
                     until_caught_up=not standing, max_seconds=planpipe.ingest_max_seconds, idle_s=planpipe.ingest_idle_s
                 )
             except Exception as error:
-                if not stop.requested:
+                if not (stop.requested or cancel.requested):
                     raise
                 # Asked to stop while a batch was being retried: the batch is abandoned whole
                 # (nothing of it is committed; the next run consumes it again).
                 context.log.warning(f"ingest run stopped with its batch in flight abandoned: {error!r}")
             finally:
                 engine.close()
-        if stop.requested:
+        if stop.requested or cancel.requested:
             _end_canceled(context, signal_name=stop.signal)
         summary = summary or RunSummary()
         context.log.info(f"ingest run summary: {summary.as_dict()}")
@@ -141,6 +146,7 @@ def ingest_micro_batches(
             "max_lock_wait_ms": dg.MetadataValue.float(summary.max_lock_wait_ms),
             "caught_up": dg.MetadataValue.bool(summary.caught_up),
             "stopped_by_signal": dg.MetadataValue.bool(stop.requested),
+            "stopped_by_cancel_request": dg.MetadataValue.bool(cancel.requested and not stop.requested),
             "stalled_checks": dg.MetadataValue.int(watchdog.stalled_checks),
             "max_seconds_without_progress": dg.MetadataValue.float(round(watchdog.max_idle_s, 1)),
             "seconds": dg.MetadataValue.float(summary.seconds),
@@ -170,7 +176,7 @@ def _end_canceled(context: dg.AssetExecutionContext, signal_name: int | None) ->
     `planpipe dev`) would otherwise be recorded as an unexpected failure.
     """
     run = context.instance.get_run_by_id(context.run.run_id)
-    name = signal.Signals(signal_name).name if signal_name is not None else "stop"
+    name = signal.Signals(signal_name).name if signal_name is not None else "the run's cancel request"
     context.log.info(f"ingest run stopped cleanly on {name}: the last batch committed, the consumer left the group")
     if run is not None and run.status not in (dg.DagsterRunStatus.CANCELING, dg.DagsterRunStatus.CANCELED):
         context.instance.report_run_canceling(run, message=f"ingest run stopped on {name}")

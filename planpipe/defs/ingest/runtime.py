@@ -98,6 +98,44 @@ class GracefulStop:
         self._previous.clear()
 
 
+class CancelWatch:
+    """Stops the engine once the run is asked to stop (CANCELING) even if no signal reaches this
+    process: a termination that arrives while the step is still starting is taken by Dagster
+    before `GracefulStop` exists, and the run would otherwise consume until its time limit
+    (seen as a demo stop that had to escalate to SIGKILL). One status read per second."""
+
+    def __init__(self, canceling: Callable[[], bool], stop: Callable[[], None], *, interval_s: float = 1.0) -> None:
+        self._canceling = canceling
+        self._stop = stop
+        self._interval_s = interval_s
+        self.requested = False
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="planpipe-ingest-cancel-watch", daemon=True)
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                if self._canceling():
+                    self.requested = True
+                    logger.warning("ingest run: the run is canceling, stopping after the batch in flight")
+                    self._stop()
+                    return
+            except Exception as error:  # the watch never takes the run down
+                logger.info("cancel watch: could not read the run's status (%s)", error)
+            if self._done.wait(self._interval_s):
+                return
+
+    def __enter__(self) -> "CancelWatch":
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._done.set()
+        self._thread.join(timeout=5)
+
+
 def watchdog_interval_s(stall_after_s: float) -> float:
     """How often a run's watchdog checks its progress: a few checks per stall limit."""
     return min(10.0, max(1.0, stall_after_s / 4))

@@ -42,6 +42,8 @@ class StopReport:
     processes: int = 0
     escalated_to_sigterm: int = 0
     escalated_to_sigkill: int = 0
+    # What did not stop on the first signal: "pid command line" of each, to tell which part hung.
+    not_stopped_by_first_signal: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, object]:
         return dict(self.__dict__)
@@ -118,6 +120,13 @@ def _tree(pid: int) -> list[psutil.Process]:
         return []
 
 
+def _describe(process: psutil.Process) -> str:
+    try:
+        return f"{process.pid} {' '.join(process.cmdline())[:200]}"
+    except psutil.Error:
+        return str(process.pid)
+
+
 def _alive(processes: dict[int, psutil.Process]) -> list[psutil.Process]:
     alive = []
     for process in processes.values():
@@ -164,12 +173,20 @@ def stop(
     # Wait for the tree to exit; keep collecting descendants (a parent that exits re-parents its
     # children out of the tree) and keep stopping runs the daemon launched meanwhile.
     escalate_at = deadline - term_s
+    server_group_signaled = code_server is None
     while time.monotonic() < escalate_at:
         for child in (c for leader in leaders for c in _tree(leader.pid)):
             known.setdefault(child.pid, child)
+        runs_left = True
         if instance is not None:
             with contextlib.suppress(Exception):
-                ask_runs_to_stop(instance, report)
+                runs_left = bool(ask_runs_to_stop(instance, report))
+        if not server_group_signaled and not runs_left and code_server is not None:
+            # No run left to fail: the code server's whole group (its gRPC server process and
+            # whatever that started) gets the first signal too, not only the server itself.
+            server_group_signaled = True
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(code_server.pid, first_signal)
         for leader in leaders:
             leader.poll()
         if not _alive(known):
@@ -179,6 +196,7 @@ def stop(
     left = _alive(known)
     if left:
         report.escalated_to_sigterm = len(left)
+        report.not_stopped_by_first_signal = [_describe(p) for p in left]
         for leader in leaders:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(leader.pid, signal.SIGTERM)

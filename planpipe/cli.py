@@ -127,6 +127,7 @@ def _dev(args: argparse.Namespace, settings: Settings) -> int:
     from planpipe.demo.codeserver import start_code_server
     from planpipe.demo.traffic import DEMO_CLUSTER
 
+    supervise.children_get_default_signals()  # for what `interrupt_on_termination` does not cover
     with supervise.interrupt_on_termination():
         report = stack.up(settings)
         code_server = start_code_server(settings, dagster_environment(settings), settings.home / "dev-code-server.log")

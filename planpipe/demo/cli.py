@@ -187,6 +187,7 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
     from planpipe.demo.traffic import DEMO_CLUSTER, run_traffic
     from planpipe.ingest.lag import LagUnavailable, group_lag
 
+    supervise.children_get_default_signals()  # before the first child: they inherit it
     stack.up(settings)
     since = datetime.now(UTC)
     code_server = start_code_server(settings, dagster_environment(settings), settings.home / "demo-code-server.log")

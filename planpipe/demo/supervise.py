@@ -72,6 +72,17 @@ def interrupt_on_termination() -> Iterator[None]:
             signal.signal(signo, handler)
 
 
+def children_get_default_signals() -> None:
+    """Started as a background job of a non-interactive shell (`cmd &`, a CI runner), a process
+    inherits SIGINT ignored (SIGTERM too, under some runners), and so would everything it starts:
+    a stop's first signal then reaches none of them and every stop escalates to SIGKILL. Python
+    handlers become the default action in a child after exec, ignored signals stay ignored."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 @contextlib.contextmanager
 def shielded() -> Iterator[None]:
     """While cleaning up, further Ctrl-C/SIGTERM do not cut the clean-up short (it is bounded)."""

@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable
 from types import FrameType, TracebackType
-from typing import Any
+from typing import Any, Self
 
 from planpipe.ingest.lag import LagUnavailable, group_assignments, group_lag
 from planpipe.ingest.sla import STALL_AFTER_S, Progress, ingest_progress
@@ -98,19 +98,40 @@ class GracefulStop:
         self._previous.clear()
 
 
-class CancelWatch:
+class _BackgroundCheck:
+    """A daemon thread running `_loop` for the duration of a `with` block; `_done` ends it."""
+
+    def __init__(self, name: str, join_timeout_s: float) -> None:
+        self._join_timeout_s = join_timeout_s
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+
+    def _loop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._done.set()
+        self._thread.join(timeout=self._join_timeout_s)
+
+
+class CancelWatch(_BackgroundCheck):
     """Stops the engine once the run is asked to stop (CANCELING) even if no signal reaches this
     process: a termination that arrives while the step is still starting is taken by Dagster
     before `GracefulStop` exists, and the run would otherwise consume until its time limit
     (seen as a demo stop that had to escalate to SIGKILL). One status read per second."""
 
     def __init__(self, canceling: Callable[[], bool], stop: Callable[[], None], *, interval_s: float = 1.0) -> None:
+        super().__init__("planpipe-ingest-cancel-watch", join_timeout_s=5)
         self._canceling = canceling
         self._stop = stop
         self._interval_s = interval_s
         self.requested = False
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="planpipe-ingest-cancel-watch", daemon=True)
 
     def _loop(self) -> None:
         while True:
@@ -125,16 +146,6 @@ class CancelWatch:
             if self._done.wait(self._interval_s):
                 return
 
-    def __enter__(self) -> "CancelWatch":
-        self._thread.start()
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self._done.set()
-        self._thread.join(timeout=5)
-
 
 def watchdog_interval_s(stall_after_s: float) -> float:
     """How often a run's watchdog checks its progress: a few checks per stall limit."""
@@ -148,7 +159,7 @@ def replace_after_s(stall_after_s: float) -> float:
     return stall_after_s + 2 * watchdog_interval_s(stall_after_s)
 
 
-class ProgressWatchdog:
+class ProgressWatchdog(_BackgroundCheck):
     """Checks a run's progress in a thread; `report` is called when the verdict changes."""
 
     def __init__(
@@ -160,6 +171,7 @@ class ProgressWatchdog:
         interval_s: float = 10.0,
         stall_after_s: float = STALL_AFTER_S,
     ) -> None:
+        super().__init__("planpipe-ingest-watchdog", join_timeout_s=10)
         self.settings = settings
         self.client_id = client_id
         self.report = report
@@ -171,8 +183,6 @@ class ProgressWatchdog:
         self.last: Progress | None = None
         self.stalled_checks = 0
         self.max_idle_s = 0.0
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="planpipe-ingest-watchdog", daemon=True)
 
     def committed(self) -> None:
         self.last_commit_at = time.time()
@@ -212,13 +222,3 @@ class ProgressWatchdog:
                     self.report(verdict)
                 except Exception as error:
                     logger.info("progress watchdog: could not report (%s)", error)
-
-    def __enter__(self) -> "ProgressWatchdog":
-        self._thread.start()
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self._done.set()
-        self._thread.join(timeout=10)
